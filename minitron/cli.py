@@ -1,0 +1,71 @@
+"""The ``minitron`` command line: one short typed function per verb.
+
+Each verb parses its flags, calls one function of the package and prints the result; the work lives in
+the stage modules. Imports of heavy stage modules happen inside the verbs so that ``minitron --help``
+and user errors stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from minitron.errors import EXIT_USER_ERROR, UserError
+
+app = typer.Typer(
+    name="minitron",
+    help="Prune and distill small language models from big ones (NVIDIA Minitron method).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, folder with only config.json, or hub id.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+@app.callback()
+def _root() -> None:
+    """Prune and distill small language models from big ones (NVIDIA Minitron method)."""
+
+
+def print_json(obj) -> None:
+    # Plain print, not rich: machine-readable output must not be wrapped or coloured.
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def inspect(model: ModelArg, as_json: JsonOpt = False, trust_remote_code: bool = False) -> None:
+    """Show a model's family, shape and parameter counts (no weights needed)."""
+    from minitron.families import Shape, load_config
+    from minitron.report_console import shape_table
+
+    shape = Shape.from_config(load_config(model, trust_remote_code=trust_remote_code))
+    info = {"model": str(model), "family": shape.model_type, "shape": shape.to_dict(), "params": shape.counts()}
+    if as_json:
+        print_json(info)
+    else:
+        console.print(shape_table(info))
+
+
+def main() -> None:
+    """Console-script entry: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e.line()}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: nothing was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

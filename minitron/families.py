@@ -1,0 +1,333 @@
+"""Every difference between model families, in one table.
+
+A family is described by the tensors of one checkpoint *as they are named on disk* (what
+``save_pretrained`` writes), and for each tensor which architectural axis each dimension runs along.
+The pruner slices tensors by axis, the parameter counter multiplies axis sizes, and the importance
+hooks find modules by their in-memory names: none of them knows a family by name.
+
+Adding a family means adding one :class:`Family` entry to :data:`FAMILIES`.
+
+Axes:
+
+=========== ======================================================================
+``vocab``   token rows of the embedding and the output head (never pruned)
+``hidden``  embedding channels (the residual stream): ``hidden_size``
+``q``       query channels, ``num_attention_heads × head_dim``, grouped by head
+``kv``      key/value channels, ``num_key_value_heads × head_dim``, grouped by head
+``ffn``     MLP neurons (per expert for MoE): ``intermediate_size``
+``ffn2``    a fused gate‖up projection: two ``ffn`` blocks stacked (GraniteMoe)
+``experts`` MoE experts: ``num_local_experts``
+=========== ======================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minitron.errors import UserError
+
+AXES = ("vocab", "hidden", "q", "kv", "ffn", "ffn2", "experts")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a decoder layer (or of the model, for globals), by its on-disk name suffix.
+
+    ``when`` names a boolean config field that must be true for the tensor to exist (biases).
+    """
+
+    name: str
+    axes: tuple[str, ...]
+    when: str | None = None
+
+
+_ATTENTION = (
+    Tensor("self_attn.q_proj.weight", ("q", "hidden")),
+    Tensor("self_attn.k_proj.weight", ("kv", "hidden")),
+    Tensor("self_attn.v_proj.weight", ("kv", "hidden")),
+    Tensor("self_attn.o_proj.weight", ("hidden", "q")),
+    Tensor("self_attn.q_proj.bias", ("q",), when="attention_bias"),
+    Tensor("self_attn.k_proj.bias", ("kv",), when="attention_bias"),
+    Tensor("self_attn.v_proj.bias", ("kv",), when="attention_bias"),
+    Tensor("self_attn.o_proj.bias", ("hidden",), when="attention_bias"),
+)
+# Qwen2 always has q/k/v biases and never an output bias; its config has no switch for them.
+_QWEN2_ATTENTION = tuple(
+    Tensor(t.name, t.axes) for t in _ATTENTION if t.when is None or not t.name.startswith("self_attn.o_proj")
+)
+_NORMS = (
+    Tensor("input_layernorm.weight", ("hidden",)),
+    Tensor("post_attention_layernorm.weight", ("hidden",)),
+)
+_DENSE_MLP = (
+    Tensor("mlp.gate_proj.weight", ("ffn", "hidden")),
+    Tensor("mlp.up_proj.weight", ("ffn", "hidden")),
+    Tensor("mlp.down_proj.weight", ("hidden", "ffn")),
+    Tensor("mlp.gate_proj.bias", ("ffn",), when="mlp_bias"),
+    Tensor("mlp.up_proj.bias", ("ffn",), when="mlp_bias"),
+    Tensor("mlp.down_proj.bias", ("hidden",), when="mlp_bias"),
+)
+_GRANITEMOE_MLP = (
+    Tensor("block_sparse_moe.router.layer.weight", ("experts", "hidden")),
+    Tensor("block_sparse_moe.input_linear.weight", ("experts", "ffn2", "hidden")),
+    Tensor("block_sparse_moe.output_linear.weight", ("experts", "hidden", "ffn")),
+)
+_GLOBALS = (
+    Tensor("model.embed_tokens.weight", ("vocab", "hidden")),
+    Tensor("model.norm.weight", ("hidden",)),
+)
+LM_HEAD = Tensor("lm_head.weight", ("vocab", "hidden"))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What minitron needs to know about one ``config.model_type``.
+
+    Attributes:
+        model_type: the key in ``config.json``.
+        layer_tensors: tensors of decoder layer ``i``, named ``model.layers.{i}.<name>`` on disk.
+        mlp_down: in-memory path (inside a decoder layer) of the module whose *input* is the MLP
+            neurons, for dense families; ``None`` for MoE.
+        moe: in-memory path of the MoE block (``router`` and ``experts`` inside it), or ``None``.
+        memory_names: on-disk → in-memory renames that transformers applies when loading.
+        multipliers: config fields that scale activations (Granite's muP); kept as they are when pruning.
+    """
+
+    model_type: str
+    layer_tensors: tuple[Tensor, ...]
+    mlp_down: str | None = "mlp.down_proj"
+    moe: str | None = None
+    memory_names: dict[str, str] = field(default_factory=dict)
+    multipliers: tuple[str, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+
+_GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", _ATTENTION + _NORMS + _DENSE_MLP),
+        Family("mistral", _ATTENTION + _NORMS + _DENSE_MLP),
+        Family("qwen2", _QWEN2_ATTENTION + _NORMS + _DENSE_MLP),
+        Family("granite", _ATTENTION + _NORMS + _DENSE_MLP, multipliers=_GRANITE_MULTIPLIERS),
+        Family(
+            "granitemoe",
+            _ATTENTION + _NORMS + _GRANITEMOE_MLP,
+            mlp_down=None,
+            moe="block_sparse_moe",
+            memory_names={
+                "block_sparse_moe.router.layer.weight": "block_sparse_moe.router.weight",
+                "block_sparse_moe.input_linear.weight": "block_sparse_moe.experts.gate_up_proj",
+                "block_sparse_moe.output_linear.weight": "block_sparse_moe.experts.down_proj",
+            },
+            multipliers=_GRANITE_MULTIPLIERS,
+        ),
+    )
+}
+
+
+def family_of(config: Any) -> Family:
+    """The :class:`Family` of a transformers config (or a ``config.json`` dict)."""
+    model_type = config["model_type"] if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"unsupported model_type {model_type!r}",
+            fix=f"minitron supports: {', '.join(sorted(FAMILIES))}",
+        )
+    return FAMILIES[model_type]
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers of a decoder-only model, the unit that plans and counts speak in."""
+
+    model_type: str
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    experts: int = 0
+    top_k: int = 0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Shape":
+        family = family_of(config)
+        hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+        head_dim = _get(config, "head_dim") or hidden // heads
+        return cls(
+            model_type=family.model_type,
+            hidden=hidden,
+            ffn=_get(config, "intermediate_size"),
+            layers=_get(config, "num_hidden_layers"),
+            heads=heads,
+            kv_heads=_get(config, "num_key_value_heads") or heads,
+            head_dim=head_dim,
+            vocab=_get(config, "vocab_size"),
+            tied=bool(_get(config, "tie_word_embeddings", False)),
+            experts=(_get(config, "num_local_experts") or 0) if family.is_moe else 0,
+            top_k=(_get(config, "num_experts_per_tok") or 0) if family.is_moe else 0,
+            attention_bias=bool(_get(config, "attention_bias", False)),
+            mlp_bias=bool(_get(config, "mlp_bias", False)),
+        )
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {
+            "vocab": self.vocab,
+            "hidden": self.hidden,
+            "q": self.heads * self.head_dim,
+            "kv": self.kv_heads * self.head_dim,
+            "ffn": self.ffn,
+            "ffn2": 2 * self.ffn,
+            "experts": self.experts,
+        }
+
+    def present(self, tensor: Tensor) -> bool:
+        return tensor.when is None or bool(getattr(self, tensor.when))
+
+    def layer_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for t in self.family.layer_tensors if self.present(t))
+
+    def global_tensors(self) -> tuple[Tensor, ...]:
+        return _GLOBALS if self.tied else _GLOBALS + (LM_HEAD,)
+
+    def tensor_shape(self, tensor: Tensor) -> tuple[int, ...]:
+        sizes = self.axis_sizes()
+        return tuple(sizes[a] for a in tensor.axes)
+
+    def counts(self) -> dict[str, int]:
+        """Parameter counts: total, embedding (input + untied output), non-embedding, active per token.
+
+        Computed from the tensor table, so it is exact for every family; the tests check it against
+        ``sum(p.numel())`` of the transformers model built on the meta device.
+        """
+        per_layer = sum(math.prod(self.tensor_shape(t)) for t in self.layer_tensors())
+        globals_ = sum(math.prod(self.tensor_shape(t)) for t in self.global_tensors())
+        total = per_layer * self.layers + globals_
+        embedding = self.vocab * self.hidden * (1 if self.tied else 2)
+        active = total
+        if self.experts:
+            # Only top-k of the experts' weights take part for each token; the router runs in full.
+            expert_tensors = [t for t in self.layer_tensors() if t.axes[0] == "experts" and "ffn" in "".join(t.axes)]
+            per_expert = sum(math.prod(self.tensor_shape(t)) // self.experts for t in expert_tensors)
+            active = total - self.layers * per_expert * (self.experts - self.top_k)
+        return {
+            "total": total,
+            "embedding": embedding,
+            "non_embedding": total - embedding,
+            "active": active,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "Shape":
+        return Shape(**{**asdict(self), **changes})
+
+
+def config_updates(teacher: Shape, student: Shape) -> dict[str, Any]:
+    """The ``config.json`` fields that change when ``teacher`` is pruned to ``student``.
+
+    ``head_dim`` is always written: once heads × head_dim ≠ hidden, transformers would otherwise derive a
+    wrong one (Llama-3.1-Minitron-4B-Width keeps 32 heads of 128 with hidden 3072).
+    """
+    updates: dict[str, Any] = {
+        "hidden_size": student.hidden,
+        "intermediate_size": student.ffn,
+        "num_hidden_layers": student.layers,
+        "num_attention_heads": student.heads,
+        "num_key_value_heads": student.kv_heads,
+        "head_dim": student.head_dim,
+    }
+    if teacher.experts:
+        updates["num_local_experts"] = student.experts
+        updates["num_experts_per_tok"] = min(student.top_k, student.experts)
+    return updates
+
+
+# --- loading configs and models -----------------------------------------------------------------------------
+
+
+def read_config(model: str | Path) -> dict[str, Any]:
+    """``config.json`` of a local folder as a dict, with user errors for the usual mistakes."""
+    path = Path(model)
+    if not path.exists():
+        raise UserError("no such file or folder", where=str(path), fix="pass a checkpoint folder or a hub id")
+    if not path.is_dir():
+        raise UserError("not a folder", where=str(path), fix="pass the folder that holds config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError("folder has no config.json", where=str(path), fix="pass a folder written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"config.json is not valid JSON ({e.msg}, line {e.lineno})", where=str(config_file)) from None
+    family_of(config)
+    return config
+
+
+def is_local(model: str | Path) -> bool:
+    """A path that exists, or one that looks like a path rather than a hub id ``org/name``."""
+    text = str(model)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
+    """A transformers ``PretrainedConfig`` for a local folder or a hub id."""
+    from transformers import AutoConfig
+
+    if is_local(model):
+        read_config(model)  # raises the one-line errors before transformers gets a chance to
+    try:
+        config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(
+            f"cannot load a config ({str(e).splitlines()[0]})",
+            where=str(model),
+            fix="check the path or hub id, and HF_TOKEN / network access for gated hub models",
+        ) from None
+    family_of(config)
+    return config
+
+
+def meta_model(config: Any) -> Any:
+    """The full-size transformers model on the meta device: shapes without memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def has_weights(model: str | Path) -> bool:
+    path = Path(model)
+    return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def logits_divisor(config: Any) -> float:
+    """What the family divides its output logits by (Granite's ``logits_scaling``), 1.0 otherwise.
+
+    A loss that computes logits from ``lm_head.weight`` itself must divide by this too.
+    """
+    return float(_get(config, "logits_scaling", 1.0) or 1.0)

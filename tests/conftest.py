@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# Two cores on the CI machine: one intra-op thread per test process keeps runs predictable.
+torch.set_num_threads(int(os.environ.get("MINITRON_TEST_THREADS", "1")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny import FAMILY_NAMES  # noqa: E402
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_name(request):
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,79 @@
+"""Tiny random models of every supported family, built from the real transformers config classes.
+
+Each keeps its family's special features at toy size: Llama's llama3 rope scaling and a head_dim decoupled
+from hidden_size, Qwen2's attention biases, Granite's four muP multipliers and tied embeddings, GraniteMoe's
+router and fused experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, GraniteConfig, GraniteMoeConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "granite", "granitemoe")
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+_GRANITE = dict(
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.0625,
+    logits_scaling=8.0,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_config(model_type: str, **overrides):
+    if model_type == "llama":
+        cfg = LlamaConfig(
+            **_COMMON,
+            head_dim=32,  # 4 heads × 32 = 128 ≠ hidden 64, as in Minitron-4B-Width
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        )
+    elif model_type == "mistral":
+        cfg = MistralConfig(**_COMMON, head_dim=16)
+    elif model_type == "qwen2":
+        cfg = Qwen2Config(**_COMMON)
+    elif model_type == "granite":
+        cfg = GraniteConfig(**_COMMON, **_GRANITE)
+    elif model_type == "granitemoe":
+        cfg = GraniteMoeConfig(
+            **{**_COMMON, "intermediate_size": 32}, **_GRANITE, num_local_experts=4, num_experts_per_tok=2
+        )
+    else:
+        raise ValueError(model_type)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    # Random init leaves RMSNorm weights at 1 and biases at 0; randomise them so that tests exercise them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny(model_type: str, path, seed: int = 0, **overrides):
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(path)
+    return model
