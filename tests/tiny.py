@@ -77,3 +77,24 @@ def save_tiny(model_type: str, path, seed: int = 0, **overrides):
     model = tiny_model(model_type, seed=seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+_TOKENIZER_CORPUS = (
+    "the quick brown fox jumps over the lazy dog",
+    "a small model learns from a big model by distillation",
+    "pruning removes heads neurons channels and layers by importance",
+    "calibration text is tokenized packed and scored",
+)
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A fast BPE tokenizer trained in-process on a few lines: vocab ≤ 128 to match the tiny models, with
+    ``<unk>`` for characters it has not seen and ``<eos>`` / ``<bos>`` special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>", "<bos>"], show_progress=False)
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
