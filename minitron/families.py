@@ -95,6 +95,10 @@ class Family:
         moe: in-memory path of the MoE block (``router`` and ``experts`` inside it), or ``None``.
         memory_names: on-disk → in-memory renames that transformers applies when loading.
         multipliers: config fields that scale activations (Granite's muP); kept as they are when pruning.
+        attn_out: in-memory path (inside a decoder layer) of the attention output projection, whose
+            input is the concatenated per-head attention outputs (importance of heads).
+        layer_norms: in-memory paths of the RMSNorms inside a decoder layer (importance of embedding
+            channels, with the final ``model.norm``).
     """
 
     model_type: str
@@ -103,6 +107,8 @@ class Family:
     moe: str | None = None
     memory_names: dict[str, str] = field(default_factory=dict)
     multipliers: tuple[str, ...] = ()
+    attn_out: str = "self_attn.o_proj"
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
 
     @property
     def is_moe(self) -> bool:
