@@ -54,6 +54,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
 from minitron.errors import UserError
 from minitron.families import Shape
 from minitron.report_console import human
@@ -411,3 +414,359 @@ def _unreachable(teacher: Shape, budget: Budget, space: SearchSpace, nearest) ->
         where="--target" if budget.total else "--active-target",
         fix=f"widen --tolerance to {math.ceil(dev * 1000) / 10:.1f}%, or add an axis to --axes for a finer grid",
     )
+
+
+# --- scoring a model on held-out tokens ---------------------------------------------------------------------
+
+RANK_BY = ("loss", "kl")
+DEPTH_STRATEGIES = ("window", "block", "loss")
+
+
+def _head_input(model: Any, ids: Any) -> Any:
+    """The hidden states that feed the output head ``[B, T, D]``: the losses apply the head themselves, in
+    chunks, so no ``tokens × vocab`` logits are ever materialised."""
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+class HeldOut:
+    """Held-out token blocks ``[N, T]`` and, for KL, the teacher's head inputs on them (computed once).
+
+    Scores are sums over tokens divided by the token count of the whole set, so batching does not change them.
+    """
+
+    def __init__(self, teacher: Any, blocks: Any, *, batch_size: int = 4, need_teacher: bool = False):
+        self.blocks, self.batch_size = blocks, max(1, batch_size)
+        self.teacher_head = None
+        self.teacher_hidden: list[Any] = []
+        if need_teacher:
+            device = next(teacher.parameters()).device
+            with torch.no_grad():
+                self.teacher_hidden = [_head_input(teacher, b.to(device)) for b in self.batches()]
+            from minitron.losses import output_head
+
+            self.teacher_head = output_head(teacher)
+
+    def batches(self) -> list[Any]:
+        return list(self.blocks.split(self.batch_size))
+
+    def score(self, model: Any, rank_by: str) -> float:
+        """Mean LM loss (next-token cross entropy) or mean KL(teacher ‖ model) per token; lower is better."""
+        from minitron.losses import forward_kl, lm_loss, output_head
+
+        head, divisor = output_head(model)
+        device = head.device
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for k, batch in enumerate(self.batches()):
+                batch = batch.to(device)
+                hidden = _head_input(model, batch)
+                if rank_by == "loss":
+                    # Position t predicts token t+1: drop the last hidden state and the first label.
+                    total += float(lm_loss(hidden[:, :-1], head, batch[:, 1:], divisor=divisor, normalizer=1.0))
+                    count += batch[:, 1:].numel()
+                else:
+                    t_head, t_divisor = self.teacher_head
+                    total += float(
+                        forward_kl(
+                            hidden, head, self.teacher_hidden[k], t_head,
+                            student_divisor=divisor, teacher_divisor=t_divisor, normalizer=1.0,
+                        )
+                    )
+                    count += batch.numel()
+        return total / count
+
+
+# --- depth strategies ---------------------------------------------------------------------------------------
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer and returns its input: the layer is skipped, nothing is copied."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Skipping:
+    """Context manager: ``model`` runs with some decoder layers replaced by pass-throughs, then restored."""
+
+    def __init__(self, model: Any, layers: Iterable[int]):
+        self.stack, self.layers = model.base_model.layers, sorted(set(layers))
+
+    def __enter__(self):
+        self.saved = {i: self.stack[i] for i in self.layers}
+        for i in self.layers:
+            self.stack[i] = _PassThrough()
+
+    def __exit__(self, *exc):
+        for i, layer in self.saved.items():
+            self.stack[i] = layer
+
+
+def layer_loss_rise(model: Any, heldout: HeldOut) -> list[float]:
+    """For each layer, how much the held-out LM loss rises when that layer alone is skipped."""
+    base = heldout.score(model, "loss")
+    rises = []
+    for i in range(len(model.base_model.layers)):
+        with _Skipping(model, [i]):
+            rises.append(heldout.score(model, "loss") - base)
+    return rises
+
+
+def window_losses(model: Any, heldout: HeldOut, n_drop: int, rank_by: str) -> list[float]:
+    """Held-out score of the teacher with each contiguous window of ``n_drop`` layers skipped (by start)."""
+    n_layers = len(model.base_model.layers)
+    out = []
+    for start in range(n_layers - n_drop + 1):
+        with _Skipping(model, range(start, start + n_drop)):
+            out.append(heldout.score(model, rank_by))
+    return out
+
+
+def _lowest(values: Sequence[float], n: int) -> list[int]:
+    # Stable: among equal scores the lower layer index goes first, so the choice is reproducible.
+    return sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:n])
+
+
+class DepthChooser:
+    """Which ``n`` layers to drop, by one of the strategies, with every measurement done at most once.
+
+    * ``block``: the ``n`` layers of lowest block importance (1 − cos between a layer's input and output,
+      ``Scores.blocks``). Computed once on the full teacher, as in 2407.14679 §2.2, not re-measured after
+      each removal: re-measuring costs a calibration pass per dropped layer and the paper ranks from one pass.
+    * ``loss``: the ``n`` layers whose removal alone raises the LM loss least (``Scores.layer_loss`` when the
+      importance stage measured it, else measured here on the held-out tokens, one pass per layer).
+    * ``window``: the contiguous run of ``n`` layers whose joint removal hurts the held-out LM loss (or KL to
+      the teacher, with ``--rank-by kl``) least. Layers interact: the papers found dropping one contiguous
+      block (Llama-3.1-Minitron-4B-Depth drops 16–31) beats dropping the individually least important ones.
+    """
+
+    def __init__(self, strategy: str, teacher: Any, scores: Any, heldout: HeldOut | None, rank_by: str = "loss"):
+        if strategy not in DEPTH_STRATEGIES:
+            raise UserError(
+                f"unknown depth strategy {strategy!r}", where="--depth-strategy", fix=f"choose {', '.join(DEPTH_STRATEGIES)}"
+            )
+        self.strategy, self.teacher, self.scores, self.heldout, self.rank_by = strategy, teacher, scores, heldout, rank_by
+        self._cache: dict[int, list[int]] = {}
+        self._layer_loss: list[float] | None = None
+        self.measurements: dict[str, Any] = {}
+
+    def __call__(self, n_drop: int) -> list[int]:
+        if n_drop <= 0:
+            return []
+        if n_drop not in self._cache:
+            self._cache[n_drop] = self._choose(n_drop)
+        return self._cache[n_drop]
+
+    def _choose(self, n_drop: int) -> list[int]:
+        if self.strategy == "block":
+            if self.scores is None or "blocks" not in self.scores.tensors:
+                raise UserError("block importance needs scores with 'blocks'", where="--depth-strategy block",
+                                fix="pass --scores from `minitron importance`, or use --depth-strategy window")
+            blocks = self.scores.tensors["blocks"].double().tolist()
+            self.measurements["blocks"] = blocks
+            return _lowest(blocks, n_drop)
+        if self.strategy == "loss":
+            if self._layer_loss is None:
+                if self.scores is not None and "layer_loss" in self.scores.tensors:
+                    self._layer_loss = self.scores.tensors["layer_loss"].double().tolist()
+                else:
+                    self._layer_loss = layer_loss_rise(self.teacher, self._need_heldout())
+                self.measurements["layer_loss"] = self._layer_loss
+            return _lowest(self._layer_loss, n_drop)
+        scores = window_losses(self.teacher, self._need_heldout(), n_drop, self.rank_by)
+        self.measurements[f"window_{n_drop}"] = scores
+        start = min(range(len(scores)), key=lambda s: (scores[s], s))
+        return list(range(start, start + n_drop))
+
+    def _need_heldout(self) -> HeldOut:
+        if self.heldout is None:
+            raise UserError(f"depth strategy {self.strategy!r} measures held-out loss", where="--depth-strategy",
+                            fix="pass --calib DATA, or use --depth-strategy block with --scores")
+        return self.heldout
+
+
+# --- ranking the candidates ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranked:
+    """A candidate after evaluation: which layers it drops and its held-out score (lower is better)."""
+
+    candidate: Candidate
+    drop_layers: list[int]
+    score: float
+    plan: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.candidate.to_dict(), "drop_layers": self.drop_layers, "score": self.score}
+
+
+def short_distill(student: Any, teacher: Any, blocks: Any, *, steps: int, lr: float, batch_size: int, seed: int) -> None:
+    """``steps`` steps of logit distillation (forward KL, τ = 1, AdamW, constant LR, grad-norm clip 1).
+
+    Just enough retraining to let the candidates recover before they are compared (2407.14679 §3: the ranking
+    right after pruning changes after a few hundred steps, then stays put).
+    """
+    from minitron.losses import forward_kl, output_head
+
+    torch.manual_seed(seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(student.parameters()).device
+    t_head, t_divisor = output_head(teacher)
+    student.train()
+    batches = blocks.split(max(1, batch_size))
+    for step in range(steps):
+        ids = batches[step % len(batches)].to(device)
+        with torch.no_grad():
+            t_hidden = _head_input(teacher, ids)
+        s_head, s_divisor = output_head(student)
+        loss = forward_kl(_head_input(student, ids), s_head, t_hidden, t_head,
+                          student_divisor=s_divisor, teacher_divisor=t_divisor)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    student.eval()
+
+
+def rank_candidates(
+    teacher: Any,
+    candidates: Sequence[Candidate],
+    scores: Any,
+    heldout: HeldOut,
+    *,
+    rank_by: str = "loss",
+    depth: DepthChooser | None = None,
+    drop_layers: list[int] | None = None,
+    search_steps: int = 0,
+    train_blocks: Any = None,
+    lr: float = 1e-4,
+    batch_size: int = 1,
+    seed: int = 0,
+    progress: Any = None,
+) -> list[Ranked]:
+    """Prune ``teacher`` in memory to each candidate, optionally distil it briefly, and score it on ``heldout``.
+
+    Returns the candidates best (lowest score) first; ties keep the enumeration order. The teacher is never
+    modified: each candidate is pruned from a fresh copy. Deterministic for a fixed ``seed``.
+    """
+    import copy
+
+    from minitron.plan import make_plan
+    from minitron.prune import prune_model
+
+    if rank_by not in RANK_BY:
+        raise UserError(f"unknown ranking {rank_by!r}", where="--rank-by", fix=f"choose {', '.join(RANK_BY)}")
+    if search_steps and train_blocks is None:
+        raise UserError("--search-steps needs training tokens", where="--search-steps", fix="pass --calib DATA")
+    shape = Shape.from_config(teacher.config)
+    ranked = []
+    task = progress.add_task("ranking candidates", total=len(candidates)) if progress else None
+    for candidate in candidates:
+        drop = list(drop_layers) if drop_layers is not None else (
+            depth(shape.layers - candidate.shape.layers) if depth is not None else None
+        )
+        plan = make_plan(shape, candidate.shape, scores, drop)
+        student = prune_model(copy.deepcopy(teacher), plan)
+        if search_steps:
+            short_distill(student, teacher, train_blocks, steps=search_steps, lr=lr, batch_size=batch_size, seed=seed)
+        torch.manual_seed(seed)
+        ranked.append(Ranked(candidate, plan.dropped_layers, heldout.score(student, rank_by), plan))
+        del student
+        if progress:
+            progress.advance(task)
+    order = sorted(range(len(ranked)), key=lambda i: (ranked[i].score, i))
+    return [ranked[i] for i in order]
+
+
+# --- what the CLI shows and records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """The search flags of ``minitron prune``, parsed against the teacher's shape."""
+
+    budget: Budget
+    space: SearchSpace
+    axes: tuple[str, ...]
+
+    @classmethod
+    def parse(
+        cls,
+        teacher: Shape,
+        *,
+        target: str | None,
+        active_target: str | None = None,
+        axes: str | Sequence[str] = "width",
+        prune_heads: bool = False,
+        tolerance: str | float = "2%",
+        limits: Iterable[str] = (),
+        drop_layers: list[int] | None = None,
+    ) -> "Request":
+        dims = parse_axes(axes, teacher, prune_heads)
+        if drop_layers is not None and "layers" in dims:
+            raise UserError("--drop-layers fixes the depth", where="--axes depth",
+                            fix="pass either --drop-layers or --axes depth, not both")
+        space = SearchSpace.build(teacher, dims, parse_limits(limits))
+        if drop_layers is not None:
+            # Explicit layers to drop fix the depth; the search then only shapes the width.
+            space.values["layers"] = [teacher.layers - len(drop_layers)]
+        names = [n.strip() for part in ([axes] if isinstance(axes, str) else axes) for n in part.split(",") if n.strip()]
+        return cls(Budget.parse(teacher, target, active_target, tolerance), space, tuple(dict.fromkeys(names)))
+
+    def candidates(self) -> list[Candidate]:
+        return enumerate_candidates(self.space.teacher, self.budget, self.space)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget.to_dict(), "axes": list(self.axes), "search_space": self.space.to_dict()}
+
+
+def dry_run(model: str, teacher: Shape, request: Request) -> dict[str, Any]:
+    """The ``--dry-run --json`` record: teacher, budget, grid and every candidate, best-first."""
+    found = request.candidates()
+    return {
+        "model": str(model),
+        "family": teacher.model_type,
+        "teacher": {"shape": teacher.to_dict(), "params": teacher.counts()},
+        **request.to_dict(),
+        "count": len(found),
+        "candidates": [c.to_dict() for c in found],
+    }
+
+
+def candidates_table(rows: Sequence[dict[str, Any]], teacher: Shape, title: str, limit: int | None = 20):
+    """A rich table of candidate records (from :meth:`Candidate.to_dict` / :meth:`Ranked.to_dict`)."""
+    from rich.table import Table
+
+    scored = any(r.get("score") is not None for r in rows)
+    table = Table(title=title, title_justify="left")
+    columns = ["#", "hidden", "ffn", "layers", "heads", "kv"]
+    columns += ["experts"] if teacher.experts else []
+    columns += ["params"] + (["active"] if teacher.experts else []) + ["Δ target"]
+    columns += ["dropped layers", "score"] if scored else []
+    for name in columns:
+        table.add_column(name, justify="left" if name == "dropped layers" else "right")
+    for i, r in enumerate(rows[:limit] if limit else rows, 1):
+        cells = [str(i), str(r["hidden"]), str(r["ffn"]), str(r["layers"]), str(r["heads"]), str(r["kv_heads"])]
+        cells += [str(r["experts"])] if teacher.experts else []
+        cells += [human(r["params"])] + ([human(r["active_params"])] if teacher.experts else [])
+        cells += [f"{r['deviation']:.2%}"]
+        if scored:
+            drop = r.get("drop_layers") or []
+            cells += [_ranges(drop) if drop else "—", "—" if r.get("score") is None else f"{r['score']:.4f}"]
+        table.add_row(*cells)
+    if limit and len(rows) > limit:
+        table.caption = f"… and {len(rows) - limit} more (--json lists all)"
+    return table
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """[16, 17, 18, 31] → '16-18,31'."""
+    parts: list[str] = []
+    for v in values:
+        if parts and v == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
+        else:
+            parts.append(str(v))
+    return ",".join(parts)
