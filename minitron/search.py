@@ -27,7 +27,8 @@ tensor-core friendly: up to 128 for ``hidden`` and 256 for ``ffn``, halved until
 least 16 steps (``_MIN_STEPS``), so Llama-3.1-8B searches hidden in 128s and ffn in 256s, Granite-1B
 (hidden 1024, expert ffn 512) in 64s and 32s, and the 64-wide test models in 4s. Layers move by one,
 query heads by one per GQA group, experts by the largest power of two that leaves 16 steps (2 for 32 or 40
-experts). The teacher's own size is always on the grid even where it is not such a multiple.
+experts). MoE widths never step below 8 (transformers' grouped-GEMM expert kernels need 16-byte-aligned
+rows). The teacher's own size is always on the grid even where it is not such a multiple.
 
 Shrink limits (``--limit dim=fraction``: the largest fraction of a dimension one prune may remove). All
 default to 0.5. The published guidance is to prune width moderately per step (ModelOpt's Minitron searcher
@@ -47,11 +48,14 @@ parameters, so listing them would only crowd the ``--top-k-candidates`` evaluate
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +71,7 @@ DEFAULT_LIMIT = 0.5
 DEFAULT_TOLERANCE = 0.02
 _MIN_STEPS = 16
 _STEP_CAP = {"hidden": 128, "ffn": 256, "experts": 8}
+_MOE_MIN_STEP = 8
 
 
 # --- parsing the flags --------------------------------------------------------------------------------------
@@ -217,12 +222,17 @@ class Budget:
 # --- the grid -----------------------------------------------------------------------------------------------
 
 
-def grid_step(dim: str, size: int) -> int:
-    """Hardware-friendly step of a dimension: a power of two ≤ the cap, small enough for ``_MIN_STEPS`` steps."""
+def grid_step(dim: str, size: int, moe: bool = False) -> int:
+    """Hardware-friendly step of a dimension: a power of two ≤ the cap, small enough for ``_MIN_STEPS`` steps.
+
+    MoE widths never go below 8: transformers' grouped-GEMM expert kernels need rows aligned to 16 bytes,
+    i.e. hidden and expert ffn multiples of 8 in bf16.
+    """
     if dim in ("layers", "heads"):
         return 1
+    floor = _MOE_MIN_STEP if moe and dim in ("hidden", "ffn") else 1
     step = _STEP_CAP[dim]
-    while step > 1 and size // step < _MIN_STEPS:
+    while step > floor and size // step < _MIN_STEPS:
         step //= 2
     return step
 
@@ -235,7 +245,7 @@ def _grid(dim: str, teacher: Shape, limit: float) -> list[int]:
         lowest = max(1, math.ceil(group * (1 - limit)))
         return [teacher.kv_heads * g for g in range(group, lowest - 1, -1)]
     size = getattr(teacher, dim)
-    step = grid_step(dim, size)
+    step = grid_step(dim, size, bool(teacher.experts))
     lowest = max(step, math.ceil(size * (1 - limit)))
     if dim == "experts":
         lowest = max(lowest, teacher.top_k)  # a token must still find top-k experts
@@ -260,7 +270,9 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         return {
             d: {
-                "step": grid_step(d, getattr(self.teacher, d)) if d != "heads" else self.teacher.kv_heads,
+                "step": grid_step(d, getattr(self.teacher, d), bool(self.teacher.experts))
+                if d != "heads"
+                else self.teacher.kv_heads,
                 "max_shrink": self.limits[d],
                 "min": min(self.values[d]),
                 "max": max(self.values[d]),
@@ -615,7 +627,9 @@ def short_distill(student: Any, teacher: Any, blocks: Any, *, steps: int, lr: fl
     device = next(student.parameters()).device
     t_head, t_divisor = output_head(teacher)
     student.train()
-    batches = blocks.split(max(1, batch_size))
+    # A seeded order of the training blocks, the same for every candidate so that they see the same tokens.
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    batches = blocks[order].split(max(1, batch_size))
     for step in range(steps):
         ids = batches[step % len(batches)].to(device)
         with torch.no_grad():
@@ -770,3 +784,209 @@ def _ranges(values: Sequence[int]) -> str:
         else:
             parts.append(str(v))
     return ",".join(parts)
+
+
+# --- the `minitron prune --target` run ----------------------------------------------------------------------
+
+SEARCH_FILE = "search.json"
+SEARCH_VERSION = 1
+DEFAULT_TOP_K = 5
+DEFAULT_HELDOUT = 32
+SEARCH_LR = 1e-4  # the peak LR of Minitron's distillation (2408.11796), held constant for the short runs
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How the candidates are compared (the ranking flags of ``minitron prune``)."""
+
+    top_k: int = DEFAULT_TOP_K
+    rank_by: str = "loss"
+    depth_strategy: str = "window"
+    search_steps: int = 0
+    heldout_samples: int = DEFAULT_HELDOUT
+
+    def check(self) -> None:
+        if self.rank_by not in RANK_BY:
+            raise UserError(f"unknown ranking {self.rank_by!r}", where="--rank-by", fix=f"choose {', '.join(RANK_BY)}")
+        if self.depth_strategy not in DEPTH_STRATEGIES:
+            raise UserError(f"unknown depth strategy {self.depth_strategy!r}", where="--depth-strategy",
+                            fix=f"choose {', '.join(DEPTH_STRATEGIES)}")
+        for flag, value, least in (("--top-k-candidates", self.top_k, 1), ("--search-steps", self.search_steps, 0),
+                                   ("--heldout-samples", self.heldout_samples, 1)):
+            if value < least:
+                raise UserError(f"must be at least {least}, got {value}", where=flag)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, trust_remote_code: bool):
+    """(importance blocks, held-out blocks) from one seeded stream of ``--calib`` data.
+
+    The held-out blocks are the ones that *follow* the importance blocks in the same stream (token_blocks
+    packs documents in a seeded order, so asking for more blocks only appends), so they never repeat a block
+    the scores were computed on. With ``--scores``, the stream is laid out as the scores' own settings say;
+    it is disjoint from their blocks when ``--calib`` and ``--seed`` are those the scores were computed with.
+    """
+    from transformers import AutoTokenizer
+
+    from minitron.data import token_blocks
+
+    settings = (scores.meta.get("settings", {}) if scores is not None else {}) or {}
+    samples = int(settings.get("samples", calibration.samples))
+    seq_len = int(settings.get("seq_len", calibration.seq_len))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load a tokenizer ({str(e).splitlines()[0]})",
+            where=str(src),
+            fix="--calib needs the teacher's tokenizer files beside its weights",
+        ) from None
+    blocks = token_blocks(tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed)
+    return blocks[:samples], blocks[samples:]
+
+
+def _needs_data(shortlist: Sequence[Candidate], teacher: Shape, ranking: Ranking, scores: Any) -> bool:
+    if len(shortlist) > 1 or ranking.search_steps or scores is None:
+        return True
+    drops = shortlist[0].shape.layers < teacher.layers
+    return drops and (
+        ranking.depth_strategy == "window" or (ranking.depth_strategy == "loss" and "layer_loss" not in scores.tensors)
+    )
+
+
+def run(
+    model: str,
+    teacher: Shape,
+    request: Request,
+    ranking: Ranking,
+    *,
+    out: str | Path | None,
+    drop_layers: list[int] | None = None,
+    scores_file: str | Path | None = None,
+    calibration: Any = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    command: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Search the student shape for ``request``'s budget, prune to the best, write it with ``search.json``.
+
+    Cheap checks first (flags, candidates, output folder, checkpoint headers, scores file, calibration
+    tokens), then the model is loaded once: importance scores (unless ``scores_file``), held-out scoring of
+    the first ``ranking.top_k`` candidates, and the streamed prune of the winner into ``out``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from minitron import prune as pruning
+    from minitron.artifacts import atomic_dir, check_output_dir
+    from minitron.importance import Scores, compute_scores
+    from minitron.plan import make_plan, summary
+    from minitron.report_console import progress
+
+    ranking.check()
+    found = request.candidates()
+    shortlist = found[: ranking.top_k]
+    if out is None:
+        raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to list the candidates")
+    check_output_dir(out, overwrite)
+    src = pruning.local_checkpoint(model)
+    pruning.teacher_index(src)  # a corrupt checkpoint is refused before any calibration, not after
+    scores = Scores.load(scores_file, expect=teacher) if scores_file is not None else None
+    if _needs_data(shortlist, teacher, ranking, scores) and calibration is None:
+        raise UserError(
+            f"ranking {len(shortlist)} candidate(s) needs held-out calibration tokens",
+            where="--calib",
+            fix="pass --calib DATA; or --scores FILE with --top-k-candidates 1 to take the first candidate unranked",
+        )
+
+    device = _device()
+    record_heldout = None
+    if calibration is None:
+        # One candidate, scores given, no measurement needed: plan straight from the scores, no weights loaded.
+        depth = DepthChooser(ranking.depth_strategy, None, scores, None, ranking.rank_by)
+        candidate = shortlist[0]
+        plan = make_plan(teacher, candidate.shape, scores, drop_layers or depth(teacher.layers - candidate.shape.layers))
+        ranked = [Ranked(candidate, plan.dropped_layers, float("nan"), plan)]
+        computed = None
+    else:
+        importance_blocks, heldout_blocks = _calibration_blocks(
+            src, calibration, scores, ranking.heldout_samples, trust_remote_code
+        )
+        teacher_model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=trust_remote_code)
+        teacher_model = teacher_model.to(device).eval()
+        computed = None
+        if scores is None:
+            scores = computed = compute_scores(
+                teacher_model, importance_blocks, batch_size=calibration.batch_size, show_progress=show_progress
+            )
+        heldout = HeldOut(teacher_model, heldout_blocks, batch_size=calibration.batch_size,
+                          need_teacher=ranking.rank_by == "kl")
+        depth = DepthChooser(ranking.depth_strategy, teacher_model, scores, heldout, ranking.rank_by)
+        with progress(transient=True) if show_progress else contextlib.nullcontext() as bar:
+            ranked = rank_candidates(
+                teacher_model, shortlist, scores, heldout, rank_by=ranking.rank_by, depth=depth,
+                drop_layers=drop_layers, search_steps=ranking.search_steps, train_blocks=importance_blocks,
+                lr=SEARCH_LR, batch_size=calibration.batch_size, seed=calibration.seed,
+                progress=bar if show_progress else None,
+            )  # fmt: skip
+        del teacher_model
+        record_heldout = {
+            "samples": int(heldout_blocks.shape[0]),
+            "seq_len": int(heldout_blocks.shape[1]),
+            "follows_importance_blocks": int(importance_blocks.shape[0]),
+            "seed": calibration.seed,
+            "data": str(calibration.data),
+        }
+
+    best = ranked[0]
+    record = search_record(model, teacher, request, ranking, found, ranked, record_heldout, depth.measurements)
+    with atomic_dir(out, overwrite) as tmp:
+        # The checkpoint and its search record appear together: prune into the temporary folder, add the record.
+        pruning.prune_checkpoint(
+            src, best.plan, tmp, overwrite=True, command=command, scores=computed, show_progress=show_progress
+        )
+        (tmp / SEARCH_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    info = summary(model, teacher, best.candidate.shape, best.plan.dropped_layers)
+    info.update(out=str(out), search=record)
+    return info
+
+
+def search_record(
+    model: str,
+    teacher: Shape,
+    request: Request,
+    ranking: Ranking,
+    found: Sequence[Candidate],
+    ranked: Sequence[Ranked],
+    heldout: dict[str, Any] | None,
+    measurements: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``search.json`` holds: the request, every candidate (score where evaluated), and the choice."""
+    scored = {id(r.candidate): (rank, r) for rank, r in enumerate(ranked, 1)}
+    rows = []
+    for c in found:
+        row = c.to_dict()
+        if id(c) in scored:
+            rank, r = scored[id(c)]
+            row.update(rank=rank, drop_layers=r.drop_layers, score=None if math.isnan(r.score) else r.score)
+        rows.append(row)
+    return {
+        "version": SEARCH_VERSION,
+        "model": str(model),
+        "teacher": {"shape": teacher.to_dict(), "params": teacher.counts()},
+        **request.to_dict(),
+        "ranking": {
+            "top_k_candidates": ranking.top_k,
+            "rank_by": ranking.rank_by,
+            "depth_strategy": ranking.depth_strategy,
+            "search_steps": ranking.search_steps,
+            "search_lr": SEARCH_LR,
+            "heldout": heldout,
+        },
+        "depth_measurements": measurements,
+        "chosen": {**ranked[0].to_dict(), "score": None if math.isnan(ranked[0].score) else ranked[0].score},
+        "candidates": rows,
+    }
