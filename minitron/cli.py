@@ -55,6 +55,36 @@ def inspect(model: ModelArg, as_json: JsonOpt = False, trust_remote_code: bool =
         console.print(shape_table(info))
 
 
+@app.command()
+def importance(
+    model: ModelArg,
+    calib: Annotated[str, typer.Option(help="Calibration text: .txt/.jsonl/.parquet file or folder, or hub dataset.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Scores file to write (.safetensors).")],
+    samples: Annotated[int, typer.Option(help="Calibration blocks.")] = 1024,
+    seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Blocks per forward pass.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the block choice.")] = 0,
+    batch_agg: Annotated[str, typer.Option(help="Aggregation over samples: mean, l2 or var.")] = "l2",
+    seq_agg: Annotated[str, typer.Option(help="Aggregation over each sequence: mean, l2 or var.")] = "mean",
+    layer_loss: Annotated[bool, typer.Option(help="Also score layers by the LM-loss rise when skipped.")] = False,
+    offload: Annotated[bool, typer.Option(help="One layer at a time on the device (automatic if it won't fit).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    trust_remote_code: bool = False,
+) -> None:
+    """Score heads, neurons, channels, experts and layers on calibration text (Minitron §2.2)."""
+    from minitron import importance as imp
+
+    scores, info = imp.run(
+        model, calib, out, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+        batch_agg=batch_agg, seq_agg=seq_agg, layer_loss=layer_loss, offload=offload, device=device,
+        dtype=dtype, split=split, overwrite=overwrite, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    console.print(imp.summary_table(scores, info))
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2."""
     try:

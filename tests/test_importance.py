@@ -1,0 +1,365 @@
+"""Importance scores: the invariants that make them meaningful, layer-by-layer == whole-model, the artifact,
+and the CLI's user errors. Every family, tiny random models, CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import FAMILY_NAMES, save_tiny, tiny_model, tiny_tokenizer
+
+from minitron.errors import UserError
+from minitron.families import Shape
+from minitron.importance import (
+    BatchAgg,
+    Recorder,
+    Scores,
+    compute_scores,
+    reduce_seq,
+    reduce_seq_rows,
+    score_checkpoint,
+)
+
+
+def blocks(samples=5, seq_len=12, seed=0):
+    return torch.randint(0, 128, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def scores_of(model, data=None, **kw):
+    return compute_scores(model, blocks() if data is None else data, batch_size=2, show_progress=False, **kw)
+
+
+def assert_same(a: Scores, b: Scores, **tol):
+    assert a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        torch.testing.assert_close(a[key], b[key], msg=key, **tol)
+
+
+# --- aggregation ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["mean", "l2", "var"])
+def test_reduce_seq_is_the_named_statistic_of_magnitudes(how):
+    x = torch.randn(3, 7, 5)
+    m = x.abs()
+    naive = {"mean": m.mean(1), "l2": m.square().sum(1).sqrt(), "var": m.var(1, correction=0)}[how]
+    torch.testing.assert_close(reduce_seq(x, how), naive)
+
+
+@pytest.mark.parametrize("how", ["mean", "l2", "var"])
+def test_reduce_seq_rows_equals_reduce_seq_and_gives_absent_samples_zero(how):
+    x = torch.randn(2, 6, 4)
+    rows, sample = x.reshape(12, 4), torch.arange(2).repeat_interleave(6)
+    got = reduce_seq_rows(rows, sample, 3, how)  # a third sample with no rows
+    torch.testing.assert_close(got[:2], reduce_seq(x, how), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], torch.zeros(4))
+
+
+@pytest.mark.parametrize("how", ["mean", "l2", "var"])
+def test_streaming_batch_aggregation_equals_all_at_once(how):
+    x = 3.0 + torch.randn(23, 4)  # an offset makes a naive E[x²] − E[x]² variance lose digits
+    agg = BatchAgg(how)
+    for part in x.split([1, 7, 5, 10]):
+        agg.add(part)
+    naive = {"mean": x.mean(0), "l2": x.square().sum(0).sqrt(), "var": x.var(0, correction=0)}[how]
+    torch.testing.assert_close(agg.result(), naive, rtol=1e-5, atol=1e-6)
+
+
+# --- shapes, determinism, aggregation choices ------------------------------------------------------------------
+
+
+def test_score_keys_and_shapes(family_name):
+    model = tiny_model(family_name)
+    shape = Shape.from_config(model.config)
+    s = scores_of(model, layer_loss=True)
+    expected = {"hidden": (shape.hidden,), "blocks": (shape.layers,), "layer_loss": (shape.layers,)}
+    for i in range(shape.layers):
+        expected |= {f"heads.{i}": (shape.heads,), f"kv_groups.{i}": (shape.kv_heads,)}
+        if shape.experts:
+            expected |= {
+                f"neurons.{i}": (shape.experts, shape.ffn),
+                f"expert_tokens.{i}": (shape.experts,),
+                f"expert_norm.{i}": (shape.experts,),
+            }
+        else:
+            expected[f"neurons.{i}"] = (shape.ffn,)
+    assert {k: tuple(v.shape) for k, v in s.tensors.items()} == expected
+    assert all(torch.isfinite(v.float()).all() for v in s.tensors.values())
+    if shape.experts:
+        # Every token goes to exactly top_k experts in every layer.
+        tokens = blocks().numel()
+        assert all(int(s[f"expert_tokens.{i}"].sum()) == tokens * shape.top_k for i in range(shape.layers))
+
+
+def test_scores_are_deterministic_for_a_seed():
+    tok = tiny_tokenizer()
+    from minitron.data import token_blocks
+
+    docs = [f"the quick fox {i} jumps over the lazy dog" for i in range(100)]
+    model = tiny_model("llama")
+    a = scores_of(model, token_blocks(tok, docs, seq_len=16, samples=4, seed=3))
+    b = scores_of(model, token_blocks(tok, docs, seq_len=16, samples=4, seed=3))
+    c = scores_of(model, token_blocks(tok, docs, seq_len=16, samples=4, seed=4))
+    assert all(torch.equal(a[k], b[k]) for k in a.tensors)
+    assert not torch.equal(a["hidden"], c["hidden"])
+
+
+@pytest.mark.parametrize("batch_agg,seq_agg", [("l2", "mean"), ("mean", "l2"), ("var", "var")])
+def test_hooked_scores_equal_naive_scores_from_stored_activations(batch_agg, seq_agg):
+    """Hooks aggregate on the fly; here every activation is kept and aggregated afterwards."""
+    model = tiny_model("llama")
+    shape = Shape.from_config(model.config)
+    data = blocks()
+    kept = {"o": [], "down": [], "norms": []}
+    layer = model.model.layers[1]
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: kept["o"].append(a[0])),
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: kept["down"].append(a[0])),
+    ]
+    norms = [m for n, m in model.named_modules() if n.endswith("norm")]
+    handles += [n.register_forward_hook(lambda m, a, o, i=i: kept["norms"].append((i, o))) for i, n in enumerate(norms)]
+    with torch.no_grad():
+        for start in range(0, len(data), 2):
+            model(data[start : start + 2])
+    for h in handles:
+        h.remove()
+
+    def naive(per_token):  # [samples, S, C] magnitudes → one score vector
+        m = per_token.abs()
+        per_sample = {"mean": m.mean(1), "l2": m.square().sum(1).sqrt(), "var": m.var(1, correction=0)}[seq_agg]
+        return {
+            "mean": per_sample.mean(0),
+            "l2": per_sample.square().sum(0).sqrt(),
+            "var": per_sample.var(0, correction=0),
+        }[batch_agg]
+
+    o = torch.cat(kept["o"])
+    per_head = o.view(*o.shape[:2], shape.heads, shape.head_dim).norm(dim=-1)
+    hidden = sum(naive(torch.cat([out for j, out in kept["norms"] if j == i])) for i in range(len(norms)))
+    s = scores_of(model, data, batch_agg=batch_agg, seq_agg=seq_agg)
+    torch.testing.assert_close(s["heads.1"], naive(per_head), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s["neurons.1"], naive(torch.cat(kept["down"])), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s["hidden"], hidden, rtol=1e-4, atol=1e-6)
+
+
+# --- invariants: a unit that does nothing scores nothing ---------------------------------------------------------
+
+
+def test_zeroed_neurons_heads_and_channels_score_zero(family_name):
+    model = tiny_model(family_name)
+    shape = Shape.from_config(model.config)
+    layer = model.model.layers[2]
+    hd = shape.head_dim
+    with torch.no_grad():
+        # Neuron 5: a zero gate row makes act(gate) · up = 0 (SiLU(0) = 0), so its down-projection input is 0.
+        if shape.experts:
+            layer.block_sparse_moe.experts.gate_up_proj[1, 5] = 0
+        else:
+            layer.mlp.gate_proj.weight[5] = 0
+        # KV group 1: zero value projections make every query head in the group output 0.
+        layer.self_attn.v_proj.weight[hd : 2 * hd] = 0
+        if layer.self_attn.v_proj.bias is not None:
+            layer.self_attn.v_proj.bias[hd : 2 * hd] = 0
+        # Channel 7: zero in the weight of every RMSNorm, so every norm outputs 0 there.
+        for name, module in model.named_modules():
+            if name.endswith("norm"):
+                module.weight[7] = 0
+    s = scores_of(model)
+    neurons = s["neurons.2"][1] if shape.experts else s["neurons.2"]
+    assert neurons[5] == 0 and (neurons[torch.arange(len(neurons)) != 5] > 0).all()
+    group_heads = shape.heads // shape.kv_heads
+    assert (s["heads.2"][group_heads : 2 * group_heads] == 0).all() and (s["heads.2"][:group_heads] > 0).all()
+    assert s["kv_groups.2"][1] == 0 and s["kv_groups.2"][0] > 0
+    assert s["hidden"][7] == 0 and (s["hidden"][torch.arange(shape.hidden) != 7] > 0).all()
+
+
+def test_hidden_sums_every_norm():
+    """Zero channel 7 in every norm but the final one: the final norm alone keeps its score above 0."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("layernorm"):
+                module.weight[7] = 0
+    s = scores_of(model)
+    assert s["hidden"][7] > 0
+    with torch.no_grad():
+        model.model.norm.weight[7] = 0
+    assert scores_of(model)["hidden"][7] == 0
+
+
+def test_identity_layer_has_no_block_importance_and_no_loss_rise(family_name):
+    model = tiny_model(family_name)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        # Attention and MLP outputs become 0, so the layer's output is exactly its input.
+        layer.self_attn.o_proj.weight.zero_()
+        if hasattr(layer, "mlp"):
+            layer.mlp.down_proj.weight.zero_()
+        else:
+            layer.block_sparse_moe.experts.down_proj.zero_()
+    s = scores_of(model, layer_loss=True)
+    assert s["blocks"][1].abs() < 1e-6
+    assert s["layer_loss"][1] == 0
+    others = [0, 2, 3]
+    assert (s["blocks"][others] > 1e-6).all() and (s["layer_loss"][others] != 0).all()
+
+
+def test_moe_instrumentation_leaves_outputs_unchanged():
+    model = tiny_model("granitemoe")
+    ids = blocks(2, 16)
+    with torch.no_grad():
+        default = model(ids).logits
+        model.set_experts_implementation("eager")
+        eager = model(ids).logits
+        recorder = Recorder(model, Shape.from_config(model.config))
+        instrumented = model(ids).logits
+        recorder.remove()
+        restored = model(ids).logits
+    assert torch.equal(instrumented, eager)  # same operations in the same order
+    torch.testing.assert_close(instrumented, default)
+    assert torch.equal(restored, eager)
+    assert "forward" not in vars(model.model.layers[0].block_sparse_moe.experts)
+
+
+# --- layer by layer == whole model ------------------------------------------------------------------------------
+
+
+def test_layer_by_layer_equals_whole_model(family_name):
+    model = tiny_model(family_name)
+    data = blocks(5, 12)  # batch 2 leaves a last batch of 1; chunks of 4 split it across chunks
+    whole = scores_of(model, data, layer_loss=True)
+    offloaded = scores_of(model, data, layer_loss=True, offload=True, chunk=4)
+    assert_same(whole, offloaded, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_checkpoint_equals_whole_model(family_name, tmp_path):
+    model = save_tiny(family_name, tmp_path)
+    data = blocks(5, 12)
+    whole = scores_of(model, data, layer_loss=True)
+    streamed = score_checkpoint(tmp_path, data, batch_size=2, layer_loss=True, chunk=2, show_progress=False)
+    assert_same(whole, streamed, rtol=1e-5, atol=1e-6)
+
+
+def test_offload_restores_the_model():
+    model = tiny_model("qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores_of(model, offload=True, chunk=2)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(vars(m).get("_forward_hooks") or vars(m).get("_forward_pre_hooks") for m in model.modules())
+
+
+# --- the artifact --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_scores():
+    return scores_of(tiny_model("granitemoe"), layer_loss=True, meta={"model": "tiny", "data": {"source": "x"}})
+
+
+def test_save_load_round_trips_exactly(moe_scores, tmp_path):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    loaded = Scores.load(path, expect=moe_scores.shape)
+    assert loaded.tensors.keys() == moe_scores.tensors.keys()
+    assert all(torch.equal(loaded[k], moe_scores[k]) and loaded[k].dtype == moe_scores[k].dtype for k in loaded.tensors)
+    assert loaded.meta == json.loads(json.dumps(moe_scores.meta))
+    assert loaded.meta["model"] == "tiny" and loaded.meta["settings"]["batch_agg"] == "l2"
+    assert loaded.meta["shape"]["model_type"] == "granitemoe" and "torch" in loaded.meta["versions"]
+
+
+def test_save_refuses_to_overwrite(moe_scores, tmp_path):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    with pytest.raises(UserError, match="already exists"):
+        moe_scores.save(path)
+
+
+def test_load_refuses_another_shape(moe_scores, tmp_path):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    with pytest.raises(UserError, match="different model .*experts 4 ≠ 8"):
+        Scores.load(path, expect=moe_scores.shape.replace(experts=8))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_load_refuses_a_corrupt_file(moe_scores, tmp_path, damage):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-3] ^= 0xFF  # inside the tensor data: only the digest notices
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw = bytearray(b"not safetensors at all")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="corrupt"):
+        Scores.load(path)
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def cli(*args):
+    # One thread: the test machines are shared, and oversubscribed OpenMP threads slow tiny models 100×.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run([sys.executable, "-m", "minitron.cli", "importance", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny("granite", root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "calib.txt").write_text("\n".join(f"the quick fox {i} jumps over the lazy dog" for i in range(200)))
+    return root
+
+
+def test_cli_writes_scores_and_prints_a_summary(checkpoint, tmp_path):
+    out = tmp_path / "scores.safetensors"
+    r = cli(checkpoint / "model", "--calib", checkpoint / "calib.txt", "-o", out, "--samples", 6, "--seq-len", 16,
+            "--batch-size", 2, "--layer-loss")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "block importance" in r.stdout and "layer-loss rise" in r.stdout
+    s = Scores.load(out, expect=Shape.from_config(tiny_model("granite").config))
+    assert s.meta["data"] == {"source": str(checkpoint / "calib.txt"), "split": "train", "samples": 6, "seq_len": 16, "seed": 0}
+    assert s.meta["settings"]["mode"] == "whole-model" and "layer_loss" in s.tensors
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.safetensors"]
+
+
+@pytest.mark.parametrize("case", ["missing", "no-config", "unsupported", "empty-calib", "exists", "bad-agg"])
+def test_cli_user_errors(checkpoint, tmp_path, case):
+    model, calib, out = checkpoint / "model", checkpoint / "calib.txt", tmp_path / "s.safetensors"
+    extra, needles = [], []
+    if case == "missing":
+        model, needles = tmp_path / "nope", ["no such file"]
+    elif case == "no-config":
+        model = tmp_path / "empty"
+        model.mkdir()
+        needles = ["config.json"]
+    elif case == "unsupported":
+        model = tmp_path / "bert"
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "bert"}')
+        needles = ["bert", "llama"]
+    elif case == "empty-calib":
+        calib = tmp_path / "empty.txt"
+        calib.write_text("\n")
+        needles = [str(calib), "no text"]
+    elif case == "exists":
+        out.write_text("keep me")
+        needles = ["already exists", "--overwrite"]
+    else:
+        extra, needles = ["--batch-agg", "max"], ["--batch-agg", "mean, l2, var"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_user_error(cli(model, "--calib", calib, "-o", out, "--samples", 2, "--seq-len", 8, *extra), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    if case == "exists":
+        assert out.read_text() == "keep me"
