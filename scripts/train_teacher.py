@@ -1,0 +1,559 @@
+"""Train the small Llama teacher that ships in ``minitron/assets/teacher``, reproducibly from a seed.
+
+    python scripts/train_teacher.py prepare --wikitext ../shared/data/wikitext-2   # once: the shipped text
+    python scripts/train_teacher.py train --seed 0 --steps 900 --out minitron/assets/teacher --overwrite
+
+``prepare`` turns WikiText-2 (tokenized v1: ``train.txt``, ``valid.txt``) into the article files shipped in
+``minitron/assets/data/wikitext-2/{train,valid}.jsonl.gz``: one record per article, ``text`` detokenized
+with lm-eval's own WikiText detokenizer, so the teacher reads text in the form lm-eval's ``wikitext``
+task scores (``word, word`` rather than ``word , word``), plus ``words``, lm-eval's word count of the page.
+
+``train``, top to bottom:
+1. trains a byte-level BPE tokenizer on the train articles with ``tokenizers`` and wraps it as a
+   ``PreTrainedTokenizerFast`` (``AutoTokenizer.from_pretrained`` loads it);
+2. trains a ``LlamaForCausalLM`` from scratch on the articles joined with EOS, packed into fixed blocks,
+   with AdamW and a linear-warm-up cosine schedule, on one CPU thread;
+3. scores all of WikiText-2 valid the way lm-eval's ``loglikelihood_rolling`` does (per article, EOS
+   prefix, disjoint windows of the context length) and writes the checkpoint, its generation config, the
+   tokenizer, ``training.json`` and a model card into ``--out`` (atomically: all or nothing).
+
+The length of the run is ``--steps``, or, without it, as many steps as fit in ``--minutes`` at the speed
+measured over the first steps (the card then records the resolved ``--steps`` so that anyone can repeat
+the exact run). A checkpoint with the optimizer state is written to ``--work`` every ``--eval-every``
+steps; running the same command again resumes from it and gives the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import TextColumn
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from minitron.artifacts import atomic_dir, atomic_file, check_output_dir, versions
+from minitron.report_console import progress
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "minitron" / "assets" / "data" / "wikitext-2"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+console = Console(stderr=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    prep = sub.add_parser("prepare", help="WikiText-2 v1 text files → the shipped article files")
+    prep.add_argument("--wikitext", type=Path, required=True, help="folder with train.txt and valid.txt")
+    prep.add_argument("--out", type=Path, default=DATA, help="where to write {train,valid}.jsonl.gz")
+
+    t = sub.add_parser("train", help="train tokenizer + teacher, evaluate, write the checkpoint")
+    t.add_argument("--out", type=Path, required=True, help="folder for the finished teacher (written at the end)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--work", type=Path, default=None, help="checkpoint folder for resuming (default runs/teacher-seed<N>)")
+    t.add_argument("--train", type=Path, default=DATA / "train.jsonl.gz", help="train articles (from prepare)")
+    t.add_argument("--valid", type=Path, default=DATA / "valid.jsonl.gz", help="valid articles (from prepare)")
+    t.add_argument("--max-articles", type=int, default=None, help="use only the first N train articles (smoke runs)")
+    t.add_argument("--valid-articles", type=int, default=None, help="score only the first N valid articles")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps; default: as many as fit in --minutes")
+    t.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget used when --steps is not given")
+    t.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the build machine is shared)")
+    # Shape: small enough that fp32 weights stay under 30 MB and a 2x width prune, a few hundred
+    # distillation steps and the evaluation of teacher and students fit in 10 minutes on 2 CPU cores.
+    t.add_argument("--vocab", type=int, default=4096)
+    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--layers", type=int, default=6)
+    t.add_argument("--heads", type=int, default=8)
+    t.add_argument("--kv-heads", type=int, default=2)
+    t.add_argument("--ffn", type=int, default=704)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--tie-embeddings", action="store_true", help="share input embedding and LM head")
+    # Optimisation.
+    t.add_argument("--batch", type=int, default=8, help="sequences per step")
+    t.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    t.add_argument("--eval-every", type=int, default=100, help="steps between validation + checkpoint")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data
+
+
+def split_articles(text: str) -> list[str]:
+    """WikiText lines ' = Title = ' start an article; ' = = Section = = ' lines stay inside it."""
+    return [a for a in re.split(r"(?m)^(?= = [^=].* = $)", text) if a.strip()]
+
+
+def prepare(wikitext: Path, out: Path) -> None:
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    for split in ("train", "valid"):
+        src = wikitext / f"{split}.txt"
+        if not src.is_file():
+            sys.exit(f"error: {src}: not found — pass --wikitext, the folder of WikiText-2 v1 train.txt / valid.txt")
+        articles = split_articles(src.read_text(encoding="utf-8"))
+        records = [
+            {
+                "title": a.strip().splitlines()[0].strip(" ="),
+                "text": wikitext_detokenizer({"page": a}),
+                # lm-eval's word count (whitespace split of the page before detokenization).
+                "words": len(re.split(r"\s+", a)),
+            }
+            for a in articles
+        ]
+        with atomic_file(out / f"{split}.jsonl.gz", overwrite=True) as tmp, tmp.open("wb") as raw:
+            # mtime=0 and no file name in the header: the same input gives byte-identical output.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+                for r in records:
+                    gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+            readable(tmp)
+        console.log(f"{src} ({sha256(src)[:16]}…) → {out / f'{split}.jsonl.gz'}: {len(records)} articles")
+
+
+def read_articles(path: Path) -> list[dict]:
+    if not path.is_file():
+        sys.exit(f"error: {path}: not found — run `prepare` first or pass --train / --valid")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (as GPT-2 / Llama-3): lossless on any text, so no <unk> token is needed."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    # One token both opens and closes documents (GPT-2 convention): the model only ever sees it as the
+    # separator between packed articles, which is also the prefix lm-eval puts before a rolling window.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD)
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """EOS a1 EOS a2 EOS ...: the leading EOS gives the first article's first token a context too."""
+    ids = [tokenizer.eos_token_id]
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += enc + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[n, seq_len + 1] blocks overlapping by one token, so every token after the first is a target once."""
+    n = (len(stream) - 1) // seq_len
+    return stream[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len)
+
+
+def batch_for(step: int, blocks: torch.Tensor, batch: int, seed: int) -> torch.Tensor:
+    """The blocks of optimizer step ``step``: a fresh seeded permutation per epoch, a pure function of the
+    step, so that a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = len(blocks) // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return blocks[perm[i * batch : (i + 1) * batch]]
+
+
+# ---------------------------------------------------------------- model and schedule
+
+
+def teacher_config(args: argparse.Namespace, tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        # lm-eval reads this as the longest window: keep it at the length the model was trained on.
+        max_position_embeddings=args.seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=args.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress_ = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+    floor = args.lr * args.min_lr_ratio
+    return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+def next_token_nll(model, x: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of blocks ``x`` [B, T+1] (inputs x[:, :-1], targets x[:, 1:])."""
+    logits = model(input_ids=x[:, :-1]).logits.float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def block_loss(model, blocks: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token loss over packed blocks: the quick check during training."""
+    model.eval()
+    total = sum(next_token_nll(model, blocks[i : i + batch]).item() for i in range(0, len(blocks), batch))
+    model.train()
+    return total / blocks[:, 1:].numel()
+
+
+@torch.no_grad()
+def rolling_nll(model, tokenizer, texts: list[str], seq_len: int, batch: int = 16) -> dict:
+    """Total NLL of each text scored as lm-eval's ``loglikelihood_rolling`` scores it: the text alone,
+    EOS as the prefix of its first token, then disjoint windows of ``seq_len`` predictions, each with as
+    much preceding context as fits. Using lm-eval's own window functions keeps the card's numbers the
+    ones ``minitron eval`` reports for the same text."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    windows = []  # (text index, input ids, number of scored positions at the end)
+    for n, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        for pair in get_rolling_token_windows(ids, tokenizer.eos_token_id, seq_len, context_len=1):
+            context, target = make_disjoint_window(pair)
+            windows.append((n, (context + target)[:-1], target))
+    nll = [0.0] * len(texts)
+    tokens = sum(len(t) for _, _, t in windows)
+    model.eval()
+    with progress(transient=True) as bar:
+        task = bar.add_task("score WikiText-2 valid", total=tokens)
+        for i in range(0, len(windows), batch):
+            chunk = windows[i : i + batch]
+            width = max(len(x) for _, x, _ in chunk)
+            # Right padding: a causal model's earlier positions never see the pad on their right.
+            x = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            for row, (_, inp, _) in enumerate(chunk):
+                x[row, : len(inp)] = torch.tensor(inp)
+            logprobs = model(input_ids=x).logits.float().log_softmax(-1)
+            for row, (n, inp, target) in enumerate(chunk):
+                scored = logprobs[row, len(inp) - len(target) : len(inp)]
+                nll[n] -= scored.gather(-1, torch.tensor(target)[:, None]).sum().item()
+                bar.advance(task, len(target))
+    model.train()
+    return {"nll": nll, "tokens": tokens}
+
+
+# ---------------------------------------------------------------- checkpoint (resume)
+
+
+def save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
+    with atomic_dir(work / "last", overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        # Optimizer moments are plain tensors and numbers: loaded back with weights_only=True.
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(work: Path, model, optimizer) -> dict | None:
+    last = work / "last"
+    if not (last / "state.json").is_file():
+        return None
+    model.load_state_dict(load_file(last / "model.safetensors"), strict=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+    return json.loads((last / "state.json").read_text())
+
+
+# ---------------------------------------------------------------- training
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_output_dir(args.out, args.overwrite)  # before any expensive work
+    hf_logging.disable_progress_bar()  # ours is the only progress display
+    torch.set_num_threads(args.threads)
+    work = args.work or REPO / "runs" / f"teacher-seed{args.seed}"
+    started = time.time()
+
+    train_texts = [r["text"] for r in read_articles(args.train)][: args.max_articles]
+    valid = read_articles(args.valid)[: args.valid_articles]
+    tokenizer = train_tokenizer(train_texts, args.vocab)
+    train_stream = token_stream(tokenizer, train_texts)
+    train_blocks = pack(train_stream, args.seq_len)
+    # The quick check during training: the first 32 packed blocks of valid (8k tokens at 256).
+    quick_valid = pack(token_stream(tokenizer, [r["text"] for r in valid]), args.seq_len)[:32]
+    console.log(f"{len(train_texts)} train articles → {len(train_stream):,} tokens, {len(train_blocks)} blocks "
+                f"of {args.seq_len}")
+    if len(train_blocks) < args.batch:
+        sys.exit(f"error: only {len(train_blocks)} train blocks for --batch {args.batch} — use more articles")
+
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(teacher_config(args, tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    # Norm gains are not decayed (they set scales, not features), as in GPT-2 / Llama training.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+    state = load_checkpoint(work, model, optimizer)
+    if state is not None:
+        if state["config"] != config_fingerprint(args):
+            sys.exit(f"error: {work / 'last'} was trained with other settings — delete it or pass another --work")
+        console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
+    else:
+        state = {"step": 0, "total": args.steps, "train_seconds": 0.0, "first_loss": None, "history": [],
+                 "config": config_fingerprint(args)}
+
+    loss_col = TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}")
+    model.train()
+    step_times: list[float] = []
+    with progress(loss_col) as bar:
+        task = bar.add_task("train teacher", total=state["total"], completed=state["step"], loss=float("nan"), lr=0.0)
+        while state["total"] is None or state["step"] < state["total"]:
+            step, t0 = state["step"], time.time()
+            lr = lr_at(step, state["total"] or 10**9, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = batch_for(step, train_blocks, args.batch, args.seed)
+            loss = next_token_nll(model, x) / x[:, 1:].numel()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            # Stop on a blow-up instead of silently training NaNs into the checkpoint.
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                sys.exit(f"error: non-finite loss or gradient at step {step} — lower --lr")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["step"] += 1
+            state["train_seconds"] += time.time() - t0
+            if state["first_loss"] is None:
+                state["first_loss"] = loss.item()
+            step_times.append(time.time() - t0)
+            if state["total"] is None and len(step_times) == 12:
+                # Steps 3..12 (the first ones pay for allocator warm-up) set the run length for the budget.
+                per_step = sum(step_times[2:]) / 10
+                state["total"] = max(state["step"], int(args.minutes * 60 / per_step))
+                console.log(f"{per_step:.2f} s/step → {state['total']} steps fit in {args.minutes:g} min")
+                bar.update(task, total=state["total"])
+            bar.update(task, advance=1, loss=loss.item(), lr=lr)
+
+            if state["step"] % args.eval_every == 0 or state["step"] == state["total"]:
+                val = block_loss(model, quick_valid)
+                state["history"].append({"step": state["step"], "train_loss": round(loss.item(), 4),
+                                         "valid_loss": round(val, 4)})
+                console.log(f"step {state['step']}/{state['total']}  train {loss.item():.3f}  "
+                            f"valid(32 blocks) {val:.3f}  {state['train_seconds'] / 60:.1f} min")
+                save_checkpoint(work, model, optimizer, state)
+
+    scored = rolling_nll(model, tokenizer, [r["text"] for r in valid], args.seq_len)
+    total_nll = sum(scored["nll"])
+    words = sum(r["words"] for r in valid)
+    summary = {
+        "seed": args.seed,
+        "steps": state["total"],
+        "tokens_seen": state["total"] * args.batch * args.seq_len,
+        "train_tokens": len(train_stream),
+        "epochs": round(state["total"] * args.batch / len(train_blocks), 3),
+        "train_minutes": round(state["train_seconds"] / 60, 1),
+        "wall_minutes_this_process": round((time.time() - started) / 60, 1),
+        "first_loss": state["first_loss"],
+        "valid": {
+            "articles": len(valid),
+            "tokens": scored["tokens"],
+            "words": words,
+            "loss": round(total_nll / scored["tokens"], 4),
+            "ppl": round(math.exp(total_nll / scored["tokens"]), 2),
+            "word_ppl": round(math.exp(total_nll / words), 2),
+        },
+        "params": sum(p.numel() for p in model.parameters()),
+        "history": state["history"],
+        "machine": machine(args.threads),
+        "versions": versions(),
+        "command": reproduce_command(args, state["total"]),
+        "data_sha256": {p.name: sha256(p) for p in (args.train, args.valid)},
+    }
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(model.config, args, summary))
+        readable(tmp)
+    v = summary["valid"]
+    console.log(f"wrote {args.out}: valid loss {v['loss']:.4f} / token, ppl {v['ppl']:.2f}, word ppl {v['word_ppl']:.2f}")
+    return summary
+
+
+def config_fingerprint(args: argparse.Namespace) -> dict:
+    """Everything that changes the trained weights (not --out, --work, --minutes): a resume must match it."""
+    skip = {"verb", "out", "overwrite", "work", "minutes", "valid", "valid_articles", "eval_every", "steps"}
+    return {k: str(v) for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def reproduce_command(args: argparse.Namespace, steps: int) -> str:
+    argv = ["python", "scripts/train_teacher.py", "train", "--seed", str(args.seed), "--steps", str(steps)]
+    defaults = vars(parse_args(["train", "--out", "x"]))
+    for key, value in vars(args).items():
+        if key in {"verb", "seed", "steps", "minutes", "out", "overwrite", "work"} or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return shlex.join(argv + ["--out", "minitron/assets/teacher", "--overwrite"])
+
+
+def readable(path: Path) -> None:
+    """Temp files and folders are created private (0600 / 0700); package data must be world-readable."""
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {threads} thread(s), no GPU"
+
+
+# ---------------------------------------------------------------- model card
+
+
+def model_card(config: LlamaConfig, args: argparse.Namespace, s: dict) -> str:
+    v = s["valid"]
+    history = "\n".join(
+        f"| {h['step']} | {h['train_loss']:.3f} | {h['valid_loss']:.3f} |" for h in s["history"]
+    )
+    emb = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return f"""---
+license: cc-by-sa-3.0
+language: en
+library_name: transformers
+pipeline_tag: text-generation
+datasets: [wikitext]
+---
+
+# minitron bundled teacher: a {s['params'] / 1e6:.1f}M-parameter Llama trained on WikiText-2
+
+A small `LlamaForCausalLM` trained from scratch on CPU so that `minitron quickstart`, the notebooks and
+the tests can show the whole Minitron method (importance → prune → distill → evaluate) offline, without
+the hub and without a GPU. It is a teaching model: it writes Wikipedia-flavoured English and nothing more.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from minitron.assets import teacher_path
+
+model = AutoModelForCausalLM.from_pretrained(teacher_path())
+tokenizer = AutoTokenizer.from_pretrained(teacher_path())
+```
+
+## Architecture
+
+| | |
+|---|---|
+| family | Llama (`LlamaForCausalLM`, stock transformers code) |
+| parameters | {s['params']:,} ({emb:,} in embeddings, {s['params'] - emb:,} in the decoder) |
+| hidden size | {config.hidden_size} |
+| layers | {config.num_hidden_layers} |
+| attention | {config.num_attention_heads} query heads × {config.head_dim}, {config.num_key_value_heads} KV heads (GQA {config.num_attention_heads // config.num_key_value_heads}:1, as Llama-3.1-8B's 32:8) |
+| MLP | SwiGLU, {config.intermediate_size} ({config.intermediate_size / config.hidden_size:.2f} × hidden) |
+| vocabulary | {config.vocab_size} byte-level BPE tokens (`tokenizers`, trained on the same text) |
+| embeddings | {"tied" if config.tie_word_embeddings else "untied (input embedding and LM head separate, as Llama-3.1-8B)"} |
+| context | {config.max_position_embeddings} tokens, RoPE θ = 10,000 |
+| weights | float32 safetensors |
+
+Special tokens: `{EOS}` (id {config.eos_token_id}) is both BOS and EOS and separates the packed articles
+during training; `{PAD}` (id {config.pad_token_id}) is padding only. No token is added automatically.
+
+## Training
+
+| | |
+|---|---|
+| data | WikiText-2 train (v1, detokenized with lm-eval's WikiText detokenizer; {s['train_tokens']:,} tokens with this tokenizer), articles joined with EOS, packed into blocks of {args.seq_len} |
+| tokens seen | {s['tokens_seen']:,} ({s['epochs']} epochs) |
+| steps | {s['steps']:,} × {args.batch} sequences × {args.seq_len} tokens |
+| optimizer | AdamW (β = 0.9, 0.95; weight decay {args.weight_decay} on matrices), gradient clip {args.clip} |
+| schedule | linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g} |
+| seed | {s['seed']} |
+| training time | {s['train_minutes']} min of optimizer steps |
+| machine | {s['machine']} — no GPU was available for this run |
+| software | torch {s['versions'].get('torch')}, transformers {s['versions'].get('transformers')} |
+
+## Evaluation: WikiText-2 valid
+
+All {v['articles']} articles of WikiText-2 valid (v1, detokenized like the training text), each scored alone
+as lm-eval's `loglikelihood_rolling` does: EOS as the first token's context, then disjoint windows of
+{args.seq_len} predicted tokens, {v['tokens']:,} tokens in all.
+
+| metric | value |
+|---|---|
+| token-level loss (nats / token) | {v['loss']:.4f} |
+| token-level perplexity | {v['ppl']:.2f} |
+| word-level perplexity (total NLL / {v['words']:,} words) | {v['word_ppl']:.2f} |
+
+Token-level numbers depend on this tokenizer. The word-level figure divides the same total NLL by
+lm-eval's word count of the pages (whitespace split before detokenization), which is how lm-eval's
+`wikitext` task defines `word_perplexity`. The valid text keeps WikiText v1's `<unk>` markers, which are
+easy to predict, so it reads lower than the same metric on the raw (`wikitext-2-raw-v1`) text that
+lm-eval's `wikitext` task scores.
+
+Loss on the first 32 packed valid blocks during training:
+
+| step | train loss | valid loss |
+|---|---|---|
+{history}
+
+## Reproduce
+
+```bash
+{s['command']}
+```
+
+Same seed, same steps and same library versions on one CPU thread give the same weights; a run stopped
+midway resumes from its checkpoint in `runs/teacher-seed{s['seed']}/` when started again.
+
+## Data and license
+
+Trained on **WikiText-2** (Stephen Merity, Caiming Xiong, James Bradbury, Richard Socher, "Pointer
+Sentinel Mixture Models", 2016, arXiv:1609.07843), text from Wikipedia, licensed under
+[CC BY-SA 3.0](https://creativecommons.org/licenses/by-sa/3.0/); these weights are released under the
+same license to keep to its share-alike terms. The copy used is `minitron/assets/data/wikitext-2/` (see its
+`SOURCE.md`; sha256 of the files read: {", ".join(f"`{k}` {h[:16]}…" for k, h in s['data_sha256'].items())}).
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.verb == "prepare":
+        prepare(args.wikitext, args.out)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
