@@ -12,15 +12,8 @@ from tiny import FAMILY_NAMES, save_tiny, tiny_model, tiny_tokenizer
 
 from minitron.errors import UserError
 from minitron.families import Shape
-from minitron.importance import (
-    BatchAgg,
-    Recorder,
-    Scores,
-    compute_scores,
-    reduce_seq,
-    reduce_seq_rows,
-    score_checkpoint,
-)
+from minitron.importance import Scores, compute_scores, score_checkpoint
+from minitron.importance_hooks import BatchAgg, Recorder, reduce_seq, reduce_seq_rows
 
 
 def blocks(samples=5, seq_len=12, seed=0):
