@@ -211,9 +211,7 @@ class Budget:
         return max(off)
 
     def describe(self) -> str:
-        parts = [f"{human(self.total)} params"] if self.total else []
-        parts += [f"{human(self.active)} active"] if self.active else []
-        return f"{' and '.join(parts)} ±{self.tolerance:.0%}"
+        return _budget_text(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "active": self.active, "tolerance": self.tolerance}
@@ -990,3 +988,38 @@ def search_record(
         "chosen": {**ranked[0].to_dict(), "score": None if math.isnan(ranked[0].score) else ranked[0].score},
         "candidates": rows,
     }
+
+
+# --- glue for the `prune` verb ------------------------------------------------------------------------------
+
+
+def refuse_explicit(flags: dict[str, Any]) -> None:
+    """``--target`` chooses the shape itself: explicit sizes beside it would be silently ignored, so refuse."""
+    given = [name for name, value in flags.items() if value is not None]
+    if given:
+        raise UserError(
+            "--target searches the student shape itself",
+            where=", ".join(given),
+            fix="pass either --target / --active-target or explicit sizes, not both",
+        )
+
+
+def render(info: dict[str, Any], teacher: Shape) -> list[Any]:
+    """The rich renderables the CLI prints for a dry run (the candidates) or a search (ranking + summary)."""
+    from minitron.plan import summary_table
+
+    if "search" not in info:
+        title = f"{info['count']} candidates for {_budget_text(info['budget'])} ({', '.join(info['axes'])})"
+        return [candidates_table(info["candidates"], teacher, title)]
+    record = info["search"]
+    ranked = sorted((c for c in record["candidates"] if "rank" in c), key=lambda c: c["rank"])
+    how = record["ranking"]
+    steps = f", after {how['search_steps']} distillation steps" if how["search_steps"] else ""
+    title = f"top {len(ranked)} of {len(record['candidates'])} candidates by held-out {how['rank_by']}{steps}"
+    return [candidates_table(ranked, teacher, title, limit=None), summary_table(info)]
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    parts = [f"{human(budget['total'])} params"] if budget["total"] else []
+    parts += [f"{human(budget['active'])} active"] if budget["active"] else []
+    return f"{' and '.join(parts)} ±{budget['tolerance']:.0%}"
