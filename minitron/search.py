@@ -120,7 +120,9 @@ def parse_tolerance(text: str | float) -> float:
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise UserError(f"cannot read {raw!r} as a tolerance", where="--tolerance", fix="pass e.g. 2% or 0.02") from None
+        raise UserError(
+            f"cannot read {raw!r} as a tolerance", where="--tolerance", fix="pass e.g. 2% or 0.02"
+        ) from None
     if not 0 < value < 0.5:
         raise UserError(f"tolerance must lie between 0 and 50%, got {raw!r}", where="--tolerance", fix="pass e.g. 2%")
     return value
@@ -156,7 +158,9 @@ def parse_axes(text: str | Sequence[str], teacher: Shape, prune_heads: bool = Fa
     unknown = [n for n in names if n not in AXES]
     if unknown or not names:
         raise UserError(
-            f"unknown axis {', '.join(map(repr, unknown)) or '(none)'}", where="--axes", fix=f"choose from {', '.join(AXES)}"
+            f"unknown axis {', '.join(map(repr, unknown)) or '(none)'}",
+            where="--axes",
+            fix=f"choose from {', '.join(AXES)}",
         )
     if "experts" in names and not teacher.experts:
         raise UserError(
@@ -366,8 +370,9 @@ def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> 
                     best = (dev, ffn)
             if best is not None:
                 shape = teacher.replace(hidden=hidden, heads=heads, experts=experts, layers=layers, ffn=best[1])
-                counts = shape.counts()  # the listed numbers come from the one counting rule, not the shortcut
-                found.append(Candidate(shape, counts["total"], counts["active"], budget.deviation(counts["total"], counts["active"])))
+                # The listed numbers come from the one counting rule, not from the shortcut.
+                total, active = shape.counts()["total"], shape.counts()["active"]
+                found.append(Candidate(shape, total, active, budget.deviation(total, active)))
     if not found:
         raise _unreachable(teacher, budget, space, nearest)
     return sorted(found, key=lambda c: c.order_key(teacher))
@@ -411,11 +416,14 @@ def _unreachable(teacher: Shape, budget: Budget, space: SearchSpace, nearest) ->
         return UserError(
             f"target {budget.describe()} is below the smallest shape the shrink limits allow "
             f"({human(counts['total'])} params{active}, with {floor}; limits: at most {blocking} removed)",
-            where="--target" if budget.total else "--active-target",
-            fix=("relax: " + " or ".join(fixes)) if fixes else "aim for a larger target: no single relaxation reaches it",
+            where="--target" if budget.total and counts["total"] > budget.total * (1 + budget.tolerance)
+            else "--active-target",
+            fix=("relax: " + " or ".join(fixes)) if fixes else "aim higher: no single relaxation reaches it",
         )
     if nearest is None:
-        return UserError("the search space holds no shape but the teacher's", where="--axes", fix="add axes or relax --limit")
+        return UserError(
+            "the search space holds no shape but the teacher's", where="--axes", fix="add axes or relax --limit"
+        )
     dev, total, active = nearest
     active_text = f" ({human(active)} active)" if teacher.experts else ""
     return UserError(
@@ -553,9 +561,12 @@ class DepthChooser:
     def __init__(self, strategy: str, teacher: Any, scores: Any, heldout: HeldOut | None, rank_by: str = "loss"):
         if strategy not in DEPTH_STRATEGIES:
             raise UserError(
-                f"unknown depth strategy {strategy!r}", where="--depth-strategy", fix=f"choose {', '.join(DEPTH_STRATEGIES)}"
+                f"unknown depth strategy {strategy!r}",
+                where="--depth-strategy",
+                fix=f"choose {', '.join(DEPTH_STRATEGIES)}",
             )
-        self.strategy, self.teacher, self.scores, self.heldout, self.rank_by = strategy, teacher, scores, heldout, rank_by
+        self.strategy, self.teacher, self.scores = strategy, teacher, scores
+        self.heldout, self.rank_by = heldout, rank_by
         self._cache: dict[int, list[int]] = {}
         self._layer_loss: list[float] | None = None
         self.measurements: dict[str, Any] = {}
@@ -611,7 +622,9 @@ class Ranked:
         return {**self.candidate.to_dict(), "drop_layers": self.drop_layers, "score": self.score}
 
 
-def short_distill(student: Any, teacher: Any, blocks: Any, *, steps: int, lr: float, batch_size: int, seed: int) -> None:
+def short_distill(
+    student: Any, teacher: Any, blocks: Any, *, steps: int, lr: float, batch_size: int, seed: int
+) -> None:
     """``steps`` steps of logit distillation (forward KL, τ = 1, AdamW, constant LR, grad-norm clip 1).
 
     Just enough retraining to let the candidates recover before they are compared (2407.14679 §3: the ranking
@@ -661,10 +674,8 @@ def rank_candidates(
     """Prune ``teacher`` in memory to each candidate, optionally distil it briefly, and score it on ``heldout``.
 
     Returns the candidates best (lowest score) first; ties keep the enumeration order. The teacher is never
-    modified: each candidate is pruned from a fresh copy. Deterministic for a fixed ``seed``.
+    modified: each candidate is a new model holding sliced copies. Deterministic for a fixed ``seed``.
     """
-    import copy
-
     from minitron.plan import make_plan
     from minitron.prune import prune_model
 
@@ -673,6 +684,7 @@ def rank_candidates(
     if search_steps and train_blocks is None:
         raise UserError("--search-steps needs training tokens", where="--search-steps", fix="pass --calib DATA")
     shape = Shape.from_config(teacher.config)
+    device = next(teacher.parameters()).device
     ranked = []
     task = progress.add_task("ranking candidates", total=len(candidates)) if progress else None
     for candidate in candidates:
@@ -680,7 +692,8 @@ def rank_candidates(
             depth(shape.layers - candidate.shape.layers) if depth is not None else None
         )
         plan = make_plan(shape, candidate.shape, scores, drop)
-        student = prune_model(copy.deepcopy(teacher), plan)
+        # prune_model builds a new model from sliced copies (on the CPU); the teacher itself is left as it was.
+        student = prune_model(teacher, plan).to(device)
         if search_steps:
             short_distill(student, teacher, train_blocks, steps=search_steps, lr=lr, batch_size=batch_size, seed=seed)
         torch.manual_seed(seed)
@@ -724,7 +737,8 @@ class Request:
         if drop_layers is not None:
             # Explicit layers to drop fix the depth; the search then only shapes the width.
             space.values["layers"] = [teacher.layers - len(drop_layers)]
-        names = [n.strip() for part in ([axes] if isinstance(axes, str) else axes) for n in part.split(",") if n.strip()]
+        names = [n.strip() for part in ([axes] if isinstance(axes, str) else axes) for n in part.split(",")]
+        names = [n for n in names if n]
         return cls(Budget.parse(teacher, target, active_target, tolerance), space, tuple(dict.fromkeys(names)))
 
     def candidates(self) -> list[Candidate]:
@@ -842,7 +856,9 @@ def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, t
             where=str(src),
             fix="--calib needs the teacher's tokenizer files beside its weights",
         ) from None
-    blocks = token_blocks(tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed)
+    blocks = token_blocks(
+        tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed
+    )
     return blocks[:samples], blocks[samples:]
 
 
@@ -906,7 +922,8 @@ def run(
         # One candidate, scores given, no measurement needed: plan straight from the scores, no weights loaded.
         depth = DepthChooser(ranking.depth_strategy, None, scores, None, ranking.rank_by)
         candidate = shortlist[0]
-        plan = make_plan(teacher, candidate.shape, scores, drop_layers or depth(teacher.layers - candidate.shape.layers))
+        drop = drop_layers or depth(teacher.layers - candidate.shape.layers)
+        plan = make_plan(teacher, candidate.shape, scores, drop)
         ranked = [Ranked(candidate, plan.dropped_layers, float("nan"), plan)]
         computed = None
     else:
