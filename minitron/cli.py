@@ -85,6 +85,38 @@ def importance(
     console.print(imp.summary_table(scores, info))
 
 
+@app.command()
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny-cpu.yaml.")],
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="key=value overrides with dotted keys, e.g. optimizer.lr=3e-5.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate, check local paths, print the resolved recipe.")] = False,
+    trust_remote_code: bool = False,
+) -> None:
+    """Distill a student from its teacher as RECIPE says (many processes: torchrun or accelerate launch)."""
+    import os
+    import shlex
+
+    from minitron.recipe import check_paths, load_recipe
+
+    resolved = load_recipe(recipe, overrides or [])
+    if dry_run:
+        notes = check_paths(resolved)
+        print(resolved.to_yaml(), end="")
+        for note in notes:
+            err_console.print(f"note: {note}", highlight=False)
+        return
+    from minitron.distill import train
+
+    final = train(
+        resolved, resume=resume, trust_remote_code=trust_remote_code, command=shlex.join(["minitron", *sys.argv[1:]])
+    )
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"wrote [bold]{final}[/]")
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2."""
     try:

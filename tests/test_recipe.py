@@ -1,0 +1,212 @@
+"""Recipes: every shipped one validates; a bad one fails before any training with one line and exit 2."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny import save_tiny, tiny_tokenizer
+
+from minitron.errors import UserError
+from minitron.recipe import apply_override, load_recipe, validate
+
+REPO = Path(__file__).parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+DATA = REPO / "tests" / "data" / "shakespeare-8k.txt"
+
+
+def save_checkpoint(path, model_type="llama", seed=0, tokenizer_vocab=128, **overrides):
+    save_tiny(model_type, path, seed=seed, **overrides)
+    tiny_tokenizer(tokenizer_vocab).save_pretrained(path)
+    return path
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "minitron.cli", "distill", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --- the shipped recipes --------------------------------------------------------------------------------------
+
+
+def test_the_paper_models_have_recipes():
+    names = {p.stem for p in RECIPES}
+    assert {
+        "llama-3.1-minitron-4b-width",
+        "llama-3.1-minitron-4b-depth",
+        "llama-3.1-8b-teacher-correction",
+        "granite-3.1-8b-to-2b",
+        "granite-3.1-3b-a800m-to-1b-a400m",
+        "powerlm-3b-from-granite-3.1-8b",
+        "tiny-cpu",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_validates_and_opens_with_its_commands(path):
+    recipe = load_recipe(path)  # structural: hub ids and missing local inputs are checked when a run starts
+    assert recipe.steps() >= 1
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, "a recipe opens with a comment"
+    assert any("minitron.cli distill" in line or "minitron distill" in line for line in header)
+    assert any(path.name in line for line in header), "the command names this recipe"
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-minitron-4b-width", "llama-3.1-minitron-4b-depth"])
+def test_minitron_4b_recipes_carry_the_published_hyperparameters(name):
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert (recipe.optimizer.lr, recipe.optimizer.min_lr, recipe.optimizer.warmup_steps) == (1e-4, 1e-5, 40)
+    assert recipe.optimizer.schedule == "cosine"
+    assert (recipe.batch.global_, recipe.data.seq_len, recipe.budget.tokens) == (1152, 8192, 94_000_000_000)
+    assert (recipe.loss.kd, recipe.loss.temperature, recipe.loss.lm, recipe.loss.hidden) == (1.0, 1.0, 0.0, None)
+    assert recipe.steps() == math.ceil(94e9 / (1152 * 8192)) == 9961
+    assert recipe.batch.accumulation_for(8) == 144
+
+
+def test_teacher_correction_is_lm_only_at_a_fifth_of_the_peak_lr():
+    recipe = load_recipe(REPO / "recipes" / "llama-3.1-8b-teacher-correction.yaml")
+    assert recipe.teacher is None and recipe.loss.kd == 0 and recipe.loss.lm == 1
+    assert recipe.optimizer.lr == pytest.approx(3e-4 / 5)  # Llama-3.1-8B pre-trained at a 3e-4 peak
+
+
+# --- overrides and the schema's rules -------------------------------------------------------------------------
+
+
+def test_overrides_set_dotted_keys_with_yaml_values():
+    recipe = load_recipe(
+        TINY,
+        ["optimizer.lr=3e-5", "optimizer.min_lr=0", "batch.accumulation=null", "loss.hidden.pairs=[[1, 2]]", "precision=bf16", "seed=7"],
+    )
+    assert recipe.optimizer.lr == 3e-5 and recipe.batch.accumulation is None
+    assert recipe.loss.hidden.pairs == [(1, 2)] and recipe.loss.hidden.kind == "cosine"
+    assert recipe.precision == "bf16" and recipe.seed == 7
+    # A null section is filled by an override of one of its keys.
+    data = {"teacher": None}
+    apply_override(data, "teacher.path=/x")
+    assert data == {"teacher": {"path": "/x"}}
+
+
+@pytest.mark.parametrize("bad", ["optimizer.lr", "=3", "optimizer..lr=3"])
+def test_malformed_override_is_a_user_error(bad):
+    with pytest.raises(UserError, match="key=value"):
+        load_recipe(TINY, [bad])
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("optimizer.lrr=1", ["optimizer.lrr", "unknown key 'lrr'", "allowed here: name, lr, min_lr"]),
+        ("batch.micro=two", ["batch.micro", "valid integer", "'two'"]),
+        ("precision=fp16", ["precision", "'bf16' or 'fp32'", "'fp16'"]),
+        ("optimizer.min_lr=1", ["min_lr", "above optimizer.lr"]),
+        ("budget.tokens=1000", ["budget", "exactly one of budget.steps and budget.tokens"]),
+        ("teacher=null", ["teacher is null but loss.kd > 0"]),
+        ("loss.hidden={pairs: [[1, 1]], kind: l1}", ["loss.hidden.kind", "'cosine' or 'mse'", "'l1'"]),
+    ],
+)
+def test_schema_errors_name_the_key_the_value_and_what_is_allowed(override, needles):
+    with pytest.raises(UserError) as e:
+        load_recipe(TINY, [override])
+    line = e.value.line()
+    assert "\n" not in line and str(TINY) in line
+    for needle in needles:
+        assert needle in line
+
+
+def test_batch_arithmetic_is_checked_against_the_number_of_processes():
+    recipe = load_recipe(TINY, ["batch.micro=2", "batch.global=8"])
+    assert recipe.batch.accumulation_for(1) == 4 and recipe.batch.accumulation_for(2) == 2
+    with pytest.raises(UserError, match="not a multiple"):
+        recipe.batch.accumulation_for(3)
+    fixed = load_recipe(TINY, ["batch.micro=2", "batch.accumulation=2", "batch.global=8"])
+    assert fixed.batch.accumulation_for(2) == 2
+    with pytest.raises(UserError, match="not global 8"):
+        fixed.batch.accumulation_for(1)
+
+
+def test_budget_in_tokens_becomes_steps():
+    recipe = load_recipe(TINY, ["budget.steps=null", "budget.tokens=1000"])  # global 4 × seq 32 = 128 a step
+    assert recipe.steps() == 8
+
+
+def test_resolved_recipe_round_trips():
+    recipe = load_recipe(TINY, ["optimizer.lr=1e-3"])
+    assert validate(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+# --- the command line: one line, exit 2, nothing written ----------------------------------------------------------
+
+
+def test_dry_run_prints_the_resolved_recipe(tmp_path):
+    teacher = save_checkpoint(tmp_path / "teacher")
+    result = cli(TINY, "--dry-run", f"teacher.path={teacher}", f"student.path={teacher}", f"data.source={DATA}",
+                 "optimizer.lr=1e-3", f"output.dir={tmp_path / 'run'}")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = validate(yaml.safe_load(result.stdout))
+    assert printed.optimizer.lr == 1e-3 and printed.teacher.path == str(teacher)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [("optimizer.lrr=1", ["optimizer.lrr", "unknown key"]), ("batch.micro=two", ["batch.micro", "valid integer"])],
+)
+def test_cli_schema_errors(tmp_path, override, needles):
+    assert_user_error(cli(TINY, override, f"output.dir={tmp_path / 'run'}"), *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    assert_user_error(cli(tmp_path / "nope.yaml"), "no such recipe file")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "teacher": save_checkpoint(root / "teacher"),
+        "student": save_checkpoint(root / "student", seed=1, num_hidden_layers=2),
+        "other-tokenizer": save_checkpoint(root / "other-tokenizer", seed=1, tokenizer_vocab=100),
+        "other-vocab": save_checkpoint(root / "other-vocab", seed=1, vocab_size=96),
+    }
+
+
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("missing-teacher", ["teacher.path", "no such file or folder"]),
+        ("missing-data", ["data.source", "no such data file"]),
+        ("other-tokenizer", ["tokenizers differ", "128 vs 100 tokens"]),
+        ("other-vocab", ["vocab_size 128", "vocab_size 96"]),
+    ],
+)
+def test_run_refuses_bad_inputs_before_training(tmp_path, checkpoints, case, needles):
+    teacher, student, data = checkpoints["teacher"], checkpoints["student"], DATA
+    if case == "missing-teacher":
+        teacher = tmp_path / "no-teacher"
+    elif case == "missing-data":
+        data = tmp_path / "no-data.txt"
+    else:
+        student = checkpoints[case]
+    run = tmp_path / "run"
+    result = cli(TINY, f"teacher.path={teacher}", f"student.path={student}", f"data.source={data}",
+                 f"output.dir={run}", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    assert_user_error(result, *needles)
+    assert not run.exists() and not (tmp_path / "cache").exists()
