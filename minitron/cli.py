@@ -86,6 +86,57 @@ def importance(
 
 
 @app.command()
+def prune(
+    model: ModelArg,
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output checkpoint folder.")] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(help="Embedding channels to keep.")] = None,
+    ffn_size: Annotated[Optional[int], typer.Option(help="MLP neurons per layer to keep (dense).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Query heads per layer (within GQA groups).")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="KV groups per layer (whole groups removed).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Layers to keep (the lowest-scored go).")] = None,
+    drop_layers: Annotated[Optional[str], typer.Option(help="Layers to drop, e.g. 16-31 or 3,5,10-12.")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="MoE: experts per layer to keep.")] = None,
+    expert_ffn_size: Annotated[Optional[int], typer.Option(help="MoE: neurons per expert to keep.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="MoE: experts per token (default: the teacher's).")] = None,
+    scores: Annotated[Optional[Path], typer.Option(help="Scores from `minitron importance`.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration data: compute scores on the fly.")] = None,
+    samples: Annotated[int, typer.Option(help="--calib: calibration blocks.")] = 1024,
+    seq_len: Annotated[int, typer.Option(help="--calib: tokens per block.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="--calib: blocks per forward pass.")] = 1,
+    seed: Annotated[int, typer.Option(help="--calib: seed of the block choice.")] = 0,
+    dry_run: Annotated[bool, typer.Option(help="Show the student's shape and counts; write nothing.")] = False,
+    as_json: JsonOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    trust_remote_code: bool = False,
+) -> None:
+    """Prune MODEL to an explicit shape: a stock Hugging Face checkpoint in OUT, streamed shard by shard."""
+    import shlex
+
+    from minitron import prune as pruning
+    from minitron.families import Shape, load_config
+    from minitron.plan import parse_layers, student_shape, summary_table
+
+    teacher = Shape.from_config(load_config(model, trust_remote_code=trust_remote_code))
+    dropped = parse_layers(drop_layers, teacher.layers) if drop_layers else None
+    student = student_shape(
+        teacher, hidden=hidden_size, ffn=ffn_size, heads=heads, kv_heads=kv_heads, layers=layers,
+        experts=experts, expert_ffn=expert_ffn_size, top_k=top_k, drop_layers=dropped,
+    )  # fmt: skip
+    calibration = pruning.Calibration(calib, samples, seq_len, batch_size, seed) if calib else None
+    info = pruning.run(
+        model, teacher, student, out=out, drop_layers=dropped, scores_file=scores, calibration=calibration,
+        dry_run=dry_run, overwrite=overwrite, trust_remote_code=trust_remote_code, show_progress=not as_json,
+        command=shlex.join(["minitron", *sys.argv[1:]]),
+    )  # fmt: skip
+    if as_json:
+        print_json(info)
+    else:
+        console.print(summary_table(info))
+        if "out" in info:
+            console.print(f"wrote [bold]{info['out']}[/]")
+
+
+@app.command()
 def distill(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny-cpu.yaml.")],
     overrides: Annotated[

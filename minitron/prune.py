@@ -1,0 +1,511 @@
+"""Applying a :class:`~minitron.plan.Plan` to weights: in memory, or streamed checkpoint to checkpoint.
+
+Both paths cut each tensor with the same function, :func:`slice_tensor`, driven by the family tensor table
+(:mod:`minitron.families`): every dimension of every tensor is named by its axis, and each axis has its kept
+indices in the plan. Nothing here knows a family by name.
+
+The streamed path (:func:`prune_checkpoint`) never holds more than one teacher tensor and its pruned copy:
+teacher shards are opened lazily one tensor at a time (the memory map is closed again at once, so its pages
+do not stay in the process), and the student's shards are written tensor by tensor. It can do so because
+the student's tensor names, dtypes and shapes, and so each shard's safetensors header, are known from the
+plan before any weight is read. ``safetensors.torch.save_file`` needs a whole shard in memory (plus a byte
+copy of it in versions before 0.6), which is why the small writer :func:`write_safetensors` exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minitron.artifacts import atomic_dir, check_output_dir
+from minitron.errors import UserError
+from minitron.families import LM_HEAD, Shape, Tensor, config_updates, read_config
+from minitron.plan import LayerPlan, Plan
+
+DEFAULT_SHARD_BYTES = 5 * 10**9  # what save_pretrained and the Llama / Granite checkpoints use
+INDEX_FILE = "model.safetensors.index.json"
+# Files that travel with a checkpoint unchanged: tokenizer, generation settings and the licence terms that
+# the teacher's licence (e.g. Llama 3.1's) asks to pass on with derivatives.
+COPIED = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "LICENSE*", "USE_POLICY*", "NOTICE*",
+)  # fmt: skip
+# safetensors dtype names (the header's "dtype") and their torch dtypes.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+# --- cutting one tensor ----------------------------------------------------------------------------------------
+
+
+def _channels(units: list[int], width: int) -> list[int]:
+    """Head indices → the channel indices of those heads (each head is ``width`` consecutive channels)."""
+    return [u * width + j for u in units for j in range(width)]
+
+
+def _index(values: list[int], size: int) -> torch.Tensor | None:
+    """A LongTensor of kept indices, or ``None`` when everything is kept in order (no copy needed)."""
+    return None if list(values) == list(range(size)) else torch.tensor(values, dtype=torch.long)
+
+
+def axis_indices(plan: Plan, layer: LayerPlan | None, expert: int | None = None) -> dict[str, torch.Tensor | None]:
+    """Kept indices per axis for a tensor of ``layer`` (``None`` for global tensors); for MoE tensors, of the
+    ``expert``-th *kept* expert, since each expert keeps its own neurons."""
+    t = plan.teacher
+    index: dict[str, torch.Tensor | None] = {"vocab": None, "hidden": _index(plan.hidden, t.hidden)}
+    if layer is None:
+        return index
+    index["q"] = _index(_channels(layer.heads, t.head_dim), t.heads * t.head_dim)
+    index["kv"] = _index(_channels(layer.kv_groups, t.head_dim), t.kv_heads * t.head_dim)
+    neurons = layer.neurons[expert] if expert is not None else layer.neurons
+    index["ffn"] = _index(neurons, t.ffn)
+    # gate ‖ up fused along one dimension: the same neurons in both halves.
+    index["ffn2"] = None if index["ffn"] is None else torch.cat([index["ffn"], index["ffn"] + t.ffn])
+    return index
+
+
+def _select(tensor: torch.Tensor, axes: tuple[str, ...], index: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    for dim, axis in enumerate(axes):
+        if index[axis] is not None:
+            tensor = tensor.index_select(dim, index[axis])
+    return tensor
+
+
+def slice_tensor(spec: Tensor, read: Callable[[Any], torch.Tensor], plan: Plan, layer: LayerPlan | None) -> torch.Tensor:
+    """The student's copy of one teacher tensor.
+
+    ``read(key)`` returns ``teacher_tensor[key]`` for an int or ``slice(None)``: a parameter's
+    ``__getitem__`` in memory, a safetensors slice on disk. Expert tensors are read one expert at a time, so
+    only kept experts are ever loaded.
+    """
+    if spec.axes[0] == "experts":
+        parts = [
+            _select(read(expert), spec.axes[1:], axis_indices(plan, layer, k)) for k, expert in enumerate(layer.experts)
+        ]
+        return torch.stack(parts)
+    return _select(read(slice(None)), spec.axes, axis_indices(plan, layer))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One student tensor: its on-disk name, the teacher tensor it is cut from, its axes and its layer."""
+
+    name: str
+    source: str
+    spec: Tensor
+    layer: LayerPlan | None
+
+
+def student_items(plan: Plan, present: set[str] | None = None) -> list[Item]:
+    """Every student tensor in checkpoint order (embedding, layers renumbered from 0, norm, head).
+
+    ``present``: the teacher's tensor names; a tied ``lm_head.weight`` is written only if the teacher wrote
+    one (untied heads are always expected).
+    """
+    t = plan.teacher
+    globals_ = {spec.name: spec for spec in t.global_tensors()}
+    items = [Item("model.embed_tokens.weight", "model.embed_tokens.weight", globals_["model.embed_tokens.weight"], None)]
+    for new, layer in enumerate(plan.layers):
+        for spec in t.layer_tensors():
+            items.append(Item(f"model.layers.{new}.{spec.name}", f"model.layers.{layer.source}.{spec.name}", spec, layer))
+    items.append(Item("model.norm.weight", "model.norm.weight", globals_["model.norm.weight"], None))
+    if not t.tied or (present is not None and LM_HEAD.name in present):
+        items.append(Item(LM_HEAD.name, LM_HEAD.name, LM_HEAD, None))
+    return items
+
+
+def all_tensors(shape: Shape) -> Iterator[tuple[str, Tensor]]:
+    """Every (on-disk name, axes) the family table allows in a checkpoint of ``shape``, a tied head included."""
+    for spec in shape.global_tensors() + ((LM_HEAD,) if shape.tied else ()):
+        yield spec.name, spec
+    for i in range(shape.layers):
+        for spec in shape.layer_tensors():
+            yield f"model.layers.{i}.{spec.name}", spec
+
+
+# --- the student config -----------------------------------------------------------------------------------------
+
+
+def config_changes(plan: Plan, layer_types: list | None) -> dict[str, Any]:
+    """The config fields to rewrite: the shape (``head_dim`` always explicit) and per-layer lists."""
+    changes = config_updates(plan.teacher, plan.student)
+    if isinstance(layer_types, list) and len(layer_types) == plan.teacher.layers:
+        changes["layer_types"] = [layer_types[layer.source] for layer in plan.layers]
+    return changes
+
+
+def _check_teacher(shape: Shape, plan: Plan, where: str) -> None:
+    if shape != plan.teacher:
+        raise UserError(
+            "the plan was made for a model of another shape",
+            where=where,
+            fix="make the plan from this model's config (and scores computed on it)",
+        )
+
+
+# --- in memory --------------------------------------------------------------------------------------------------
+
+
+def _memory_name(item_name: str, spec: Tensor, renames: dict[str, str]) -> str:
+    """On-disk → in-memory name (transformers 5 renames some MoE tensors when loading)."""
+    if spec.name in renames and item_name.endswith(spec.name):
+        return item_name[: -len(spec.name)] + renames[spec.name]
+    return item_name
+
+
+def prune_model(model: Any, plan: Plan) -> Any:
+    """A new transformers model of the student's shape holding the plan's slices of ``model``'s weights.
+
+    The student is built from the teacher's config with the shape fields rewritten, without random
+    initialisation, and filled with ``load_state_dict(strict=True)``, so any tensor the table misses is an
+    error rather than a silently random weight.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    _check_teacher(Shape.from_config(model.config), plan, where=type(model).__name__)
+    renames = plan.teacher.family.memory_names
+    state = model.state_dict()
+    expected = {_memory_name(n, spec, renames) for n, spec in all_tensors(plan.teacher)}
+    if set(state) - expected:
+        raise RuntimeError(f"tensors missing from the family table: {sorted(set(state) - expected)[:5]}")
+    pruned = {}
+    with torch.no_grad():
+        for item in student_items(plan, present=set(state)):
+            weight = state[_memory_name(item.source, item.spec, renames)]
+            pruned[_memory_name(item.name, item.spec, renames)] = slice_tensor(item.spec, weight.__getitem__, plan, item.layer)
+    config = copy.deepcopy(model.config)
+    for key, value in config_changes(plan, getattr(config, "layer_types", None)).items():
+        setattr(config, key, value)
+    with no_init_weights():
+        student = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    student.tie_weights()  # no_init_weights skips the tying that from_config would otherwise do
+    student.load_state_dict(pruned, strict=True)
+    return student.train(model.training)
+
+
+# --- writing safetensors tensor by tensor ---------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def write_safetensors(
+    path: Path, entries: list[tuple[str, str, tuple[int, ...]]], tensors: Iterable[torch.Tensor]
+) -> None:
+    """Write a safetensors file whose tensors arrive one at a time.
+
+    ``entries`` are (name, safetensors dtype, shape) in file order; ``tensors`` yields them in that order.
+    The layout is the format's spec: little-endian u64 header length, JSON header (padded with spaces to 8
+    bytes), then the raw tensors back to back, each at the offsets the header gives.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, dtype, shape), tensor in zip(entries, tensors, strict=True):
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != DTYPES[dtype]:
+                raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Greedy split of tensors (by byte size, in order) into shards of at most ``max_bytes`` each (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(i)
+        used += size
+    return shards
+
+
+# --- reading the teacher ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def teacher_index(src: Path) -> dict[str, Stored]:
+    """Name → (file, dtype, shape) of every tensor in a safetensors checkpoint, from the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    index_file = src / INDEX_FILE
+    if index_file.is_file():
+        try:
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise UserError(f"not a safetensors index ({type(e).__name__})", where=str(index_file)) from None
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+    if not files:
+        raise UserError(
+            "no *.safetensors weights",
+            where=str(src),
+            fix="minitron reads safetensors only (it never loads pickled .bin files); re-save the model with "
+            "save_pretrained(..., safe_serialization=True), or use --dry-run for shapes alone",
+        )
+    found: dict[str, Stored] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise UserError("shard named in the index is missing", where=str(path), fix="re-download the checkpoint")
+        try:
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[key] = Stored(path, sl.get_dtype(), tuple(sl.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise UserError(
+                f"corrupt safetensors file ({str(e).splitlines()[0]})", where=str(path), fix="re-download or re-save it"
+            ) from None
+    return found
+
+
+def _check_checkpoint(stored: dict[str, Stored], plan: Plan, items: list[Item], src: Path) -> None:
+    unknown = sorted(set(stored) - {name for name, _ in all_tensors(plan.teacher)})
+    if unknown:
+        raise UserError(
+            f"checkpoint has tensors the {plan.teacher.model_type} table does not know: {', '.join(unknown[:3])}",
+            where=str(src),
+            fix="re-save the model with a current transformers (save_pretrained)",
+        )
+    for item in items:
+        if item.source not in stored:
+            raise UserError(f"checkpoint lacks {item.source}", where=str(src), fix="re-download the checkpoint")
+        expected = plan.teacher.tensor_shape(item.spec)
+        if stored[item.source].shape != expected:
+            raise UserError(
+                f"{item.source} has shape {stored[item.source].shape}, config.json says {expected}",
+                where=str(src),
+                fix="the weights do not belong to this config.json",
+            )
+
+
+def _read(stored: Stored, item: Item, plan: Plan) -> torch.Tensor:
+    """One teacher tensor, cut: the file is mapped only while this tensor is read."""
+    from safetensors import safe_open
+
+    with safe_open(stored.file, "pt") as f:
+        source = f.get_slice(item.source)
+        return slice_tensor(item.spec, source.__getitem__, plan, item.layer)
+
+
+@contextlib.contextmanager
+def _bytes_bar(description: str, total: int, show: bool) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n_bytes)``; the bar is left out where stdout must stay machine-readable (--json)."""
+    from minitron.report_console import progress
+
+    if not show:
+        yield lambda n: None
+        return
+    with progress() as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# --- the checkpoint ---------------------------------------------------------------------------------------------
+
+
+def prune_checkpoint(
+    src: str | Path,
+    plan: Plan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    command: str | None = None,
+    scores: Any = None,
+    show_progress: bool = True,
+) -> Path:
+    """Write the pruned checkpoint ``out`` from the teacher checkpoint folder ``src``, streamed.
+
+    ``out`` gets safetensors shards (and an index when more than one), ``config.json`` rewritten, the tokenizer,
+    generation config and licence files copied, ``plan.json``, and a ``README.md`` model card; ``scores``
+    (computed on the fly by the caller) are saved as ``scores.safetensors`` so that the plan can be redone
+    without recalibrating. All of it appears at once, or not at all.
+    """
+    from minitron import model_card
+
+    src, out = Path(src), check_output_dir(out, overwrite)
+    config = read_config(src)
+    _check_teacher(Shape.from_config(config), plan, where=str(src / "config.json"))
+    stored = teacher_index(src)
+    items = student_items(plan, present=set(stored))
+    _check_checkpoint(stored, plan, items, src)
+
+    entries = [(item.name, stored[item.source].dtype, plan.student.tensor_shape(item.spec)) for item in items]
+    sizes = [math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in entries]
+    shards = _shards(sizes, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    with atomic_dir(out, overwrite) as tmp, _bytes_bar("pruning", sum(sizes), show_progress) as advance:
+
+        def cut(members: list[int]) -> Iterator[torch.Tensor]:
+            for i in members:
+                yield _read(stored[items[i].source], items[i], plan)
+                advance(sizes[i])
+
+        for name, members in zip(names, shards):
+            write_safetensors(tmp / name, [entries[i] for i in members], cut(members))
+        if len(shards) > 1:
+            weight_map = {entries[i][0]: name for name, members in zip(names, shards) for i in members}
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        config.update(config_changes(plan, config.get("layer_types")))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for pattern in COPIED:
+            for path in src.glob(pattern):
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
+        plan.save(tmp / "plan.json")
+        if scores is not None:
+            scores.save(tmp / "scores.safetensors")
+        model_card.write(tmp / "README.md", plan, teacher=str(src), command=command)
+    return out
+
+
+# --- the `minitron prune` verb ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where and how to compute importance scores on the fly (``--calib`` and its settings)."""
+
+    data: str
+    samples: int = 1024
+    seq_len: int = 2048
+    batch_size: int = 1
+    seed: int = 0
+
+
+def local_checkpoint(model: str) -> Path:
+    """A local checkpoint folder for ``model``: the folder itself, or a hub snapshot (weights and tokenizer)."""
+    from minitron.families import is_local
+
+    if is_local(model):
+        read_config(model)
+        return Path(model)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", *COPIED]))
+    except (OSError, HfHubHTTPError) as e:
+        raise UserError(
+            f"cannot download the checkpoint ({str(e).splitlines()[0]})",
+            where=model,
+            fix="check the hub id, HF_TOKEN and network access, or pass a local folder",
+        ) from None
+
+
+def calibrate(src: Path, calibration: Calibration, trust_remote_code: bool = False) -> Any:
+    """Importance scores of the teacher in ``src`` on ``calibration.data`` (see :mod:`minitron.importance`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minitron.data import token_blocks
+    from minitron.importance import compute_scores
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load a tokenizer ({str(e).splitlines()[0]})",
+            where=str(src),
+            fix="--calib needs the teacher's tokenizer files beside its weights; or pass --scores FILE",
+        ) from None
+    blocks = token_blocks(
+        tokenizer, calibration.data, seq_len=calibration.seq_len, samples=calibration.samples, seed=calibration.seed
+    )
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=trust_remote_code).eval()
+    meta = {"model": str(src), "data": calibration.data, "seed": calibration.seed}
+    return compute_scores(model, blocks, batch_size=calibration.batch_size, meta=meta)
+
+
+def run(
+    model: str,
+    teacher: Shape,
+    student: Shape,
+    *,
+    out: str | Path | None,
+    drop_layers: list[int] | None = None,
+    scores_file: str | Path | None = None,
+    calibration: Calibration | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    command: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Prune ``model`` (teacher shape ``teacher``) to ``student`` and return the summary the CLI prints.
+
+    Cheap checks come first (flags, output folder, checkpoint headers, scores file), then the one
+    expensive step that may be needed (calibration), then the streamed prune. ``dry_run`` writes nothing
+    and needs no weights; given ``scores_file`` it also reports which layers the scores would drop.
+    """
+    from minitron.plan import make_plan, summary
+
+    if scores_file is not None and calibration is not None:
+        raise UserError("both --scores and --calib given", fix="pass one: saved scores, or data to compute them")
+    info = summary(model, teacher, student, drop_layers)
+    scores = _load_scores(scores_file, teacher) if scores_file is not None else None
+    if dry_run:
+        if scores is not None:
+            info["dropped_layers"] = make_plan(teacher, student, scores, drop_layers).dropped_layers
+        return info
+    if out is None:
+        raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to see the shape only")
+    check_output_dir(out, overwrite)
+    src = local_checkpoint(model)
+    teacher_index(src)  # a corrupt checkpoint is refused before an hour of calibration, not after
+    if calibration is None:
+        # Made now, before any weight is read, so that missing scores are reported at once.
+        plan = make_plan(teacher, student, scores, drop_layers)
+    else:
+        scores = calibrate(src, calibration, trust_remote_code)
+        plan = make_plan(teacher, student, scores, drop_layers)
+    prune_checkpoint(
+        src, plan, out, overwrite=overwrite, command=command, show_progress=show_progress,
+        scores=scores if calibration is not None else None,
+    )  # fmt: skip
+    info.update(out=str(out), dropped_layers=plan.dropped_layers)
+    return info
+
+
+def _load_scores(path: str | Path, teacher: Shape) -> Any:
+    from minitron.importance import Scores
+
+    return Scores.load(path, expect=teacher)

@@ -1,0 +1,58 @@
+"""The model card records the lineage and is only ever appended to."""
+
+import yaml
+from test_plan import random_scores, tiny_shape
+
+from minitron import model_card
+from minitron.plan import make_plan, student_shape
+
+
+def pruned_plan():
+    teacher = tiny_shape("granitemoe")
+    scores = random_scores(teacher)
+    scores.meta.update(data="wiki.txt", samples=16)
+    return make_plan(teacher, student_shape(teacher, experts=2, drop_layers=[1, 2]), scores, [1, 2]), scores
+
+
+def test_card_records_teacher_shape_scores_command_and_versions(tmp_path):
+    plan, scores = pruned_plan()
+    card = tmp_path / "README.md"
+    model_card.write(card, plan, teacher="ibm-granite/granite-3.1-1b-a400m-base", command="minitron prune x -o y")
+    text = card.read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["base_model"] == "ibm-granite/granite-3.1-1b-a400m-base" and "pruned" in front["tags"]
+    assert "`minitron prune x -o y`" in text
+    assert "| dropped layers (teacher numbering) | 1-2 |" in text
+    assert "| experts | 4 | 2 |" in text and "| layers | 4 | 2 |" in text
+    assert f"| params total | {plan.teacher.counts()['total']:,} | {plan.student.counts()['total']:,} |" in text
+    assert scores.digest in text and "wiki.txt" in text
+    assert "| torch |" in text and "| transformers |" in text
+
+
+def test_local_teacher_is_not_claimed_as_a_hub_model(tmp_path):
+    plan, _ = pruned_plan()
+    model_card.write(tmp_path / "README.md", plan, teacher=str(tmp_path / "teacher"), command=None)
+    text = (tmp_path / "README.md").read_text()
+    assert "base_model" not in text and "# Pruned from teacher" in text and "(called from Python)" in text
+
+
+def test_distillation_section_is_appended(tmp_path):
+    plan, _ = pruned_plan()
+    card = tmp_path / "README.md"
+    model_card.write(card, plan, teacher="org/model", command="minitron prune org/model -o y")
+    before = card.read_text()
+    model_card.add_distillation_section(card, {"recipe": "recipes/tiny.yaml", "tokens": 1024, "loss": {"kl": 0.5},
+                                               "note": "a|b"})  # fmt: skip
+    model_card.add_distillation_section(card, {"tokens": 2048})
+    text = card.read_text()
+    assert text.startswith(before.rstrip("\n"))  # nothing earlier is rewritten
+    assert text.count("## Distillation") == 2
+    assert "| tokens | 1024 |" in text and '| loss | {"kl": 0.5} |' in text and "| note | a\\|b |" in text
+    assert text.index("| tokens | 1024 |") < text.index("| tokens | 2048 |")
+
+
+def test_distillation_section_starts_a_missing_card(tmp_path):
+    card = tmp_path / "student" / "README.md"
+    card.parent.mkdir()
+    model_card.add_distillation_section(card, {"teacher": "org/model"})
+    assert card.read_text().startswith("# student\n") and "| teacher | org/model |" in card.read_text()

@@ -1,0 +1,364 @@
+"""Applying plans: each axis against the invariant that must hold, streamed == in memory, bounded memory.
+
+The invariants, tested on a tiny random model of every family (the reference is always the *teacher*,
+changed as stated, never a second implementation of the pruned model):
+
+* keep everything: the student's logits equal the teacher's exactly.
+* query heads / KV groups: removing heads == zeroing the ``o_proj`` input columns of those heads (whole
+  groups: of all their query heads). A head reaches the residual stream only through its ``o_proj`` columns.
+* MLP neurons (dense, and per expert): removing neurons == zeroing their ``down_proj`` columns. For MoE the
+  routing is untouched, since the router reads the layer input, not the experts.
+* experts: removing experts == the teacher whose router can never pick them, i.e. their router logits set
+  to −inf before the top-k and its softmax. Zeroing an expert's weights is *not* equivalent: it would still
+  be picked and take softmax weight from the kept ones. With ``--top-k k'`` ≤ kept experts, the masked
+  teacher with its own top-k gives −inf logits zero weight, so it equals the student with top-k k' whenever
+  k' equals the kept count (tested with 1 expert, top-1).
+* layers: dropping a layer == skipping it in the teacher's forward (its output replaced by its input).
+* embedding channels: RMSNorm divides by the mean square over *all* D channels, so zeroing channels is not
+  removing them. If the dropped channels S are zero in the embedding and in every writer to the residual
+  stream (``o_proj`` rows and bias, ``down_proj`` rows and bias, the experts' output rows), they stay zero,
+  and each norm sees ``w·h/√(Σh²/D + ε)`` in the teacher, ``w'·h/√(Σh²/D' + ε')`` in the student
+  (``D' = D − |S|``, same sum). These are equal for every ``h`` iff ``w' = w·√(D/D')`` and ``ε' = ε·D/D'``.
+  So: teacher with S zeroed == student whose norm weights are scaled by √(D/D') and epsilons by D/D'
+  (and, checked too, ≠ the student without that rescaling).
+"""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_plan import random_scores
+from tiny import save_tiny, tiny_model, tiny_tokenizer
+
+from minitron.errors import UserError
+from minitron.families import Shape, family_of
+from minitron.plan import identity_plan, make_plan, student_shape
+from minitron.prune import prune_checkpoint, prune_model, write_safetensors
+
+SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def teacher_and_plan(name, seed=0, **flags):
+    model = tiny_model(name)
+    teacher = Shape.from_config(model.config)
+    drop = flags.pop("drop_layers", None)
+    plan = make_plan(teacher, student_shape(teacher, drop_layers=drop, **flags), random_scores(teacher, seed), drop)
+    return model, plan
+
+
+def dropped(kept, size):
+    return [i for i in range(size) if i not in kept]
+
+
+def head_columns(heads, head_dim):
+    return [h * head_dim + j for h in heads for j in range(head_dim)]
+
+
+# --- each axis against its invariant -------------------------------------------------------------------------
+
+
+def test_identity_plan_reproduces_the_teacher_exactly(family_name):
+    model = tiny_model(family_name)
+    student = prune_model(model, identity_plan(Shape.from_config(model.config)))
+    assert torch.equal(logits(student), logits(model))
+
+
+@pytest.mark.parametrize("flags", [dict(heads=2), dict(kv_heads=1)], ids=["heads", "kv-groups"])
+def test_heads_equal_zeroed_o_proj_columns(family_name, flags):
+    model, plan = teacher_and_plan(family_name, **flags)
+    student = prune_model(model, plan)
+    t = plan.teacher
+    with torch.no_grad():
+        for layer in plan.layers:
+            o_proj = model.model.layers[layer.source].self_attn.o_proj.weight
+            o_proj[:, head_columns(dropped(layer.heads, t.heads), t.head_dim)] = 0
+    close(logits(student), logits(model))
+    assert student.config.num_attention_heads == 2 and student.config.head_dim == t.head_dim
+
+
+def test_neurons_equal_zeroed_down_proj_columns(family_name):
+    model, plan = teacher_and_plan(family_name, **({"expert_ffn": 12} if "moe" in family_name else {"ffn": 40}))
+    student = prune_model(model, plan)
+    with torch.no_grad():
+        for layer in plan.layers:
+            block = model.model.layers[layer.source]
+            if plan.teacher.experts:
+                for e, neurons in zip(layer.experts, layer.neurons):
+                    block.block_sparse_moe.experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
+            else:
+                block.mlp.down_proj.weight[:, dropped(layer.neurons, plan.teacher.ffn)] = 0
+    close(logits(student), logits(model))
+
+
+def mask_router(router, keep):
+    """Make the teacher's router unable to pick experts outside ``keep`` (−inf logits before top-k)."""
+    masked = torch.full((router.weight.shape[0],), float("-inf"))
+    masked[keep] = 0.0
+
+    def hook(module, args, output):
+        router_logits = output[0] + masked
+        top, index = router_logits.topk(module.top_k, dim=-1)
+        return router_logits, torch.softmax(top, dim=-1).type_as(args[0]), index
+
+    return router.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("flags", [dict(experts=3), dict(experts=2, expert_ffn=16), dict(experts=1, top_k=1)])
+def test_experts_equal_a_router_that_cannot_pick_them(flags):
+    model, plan = teacher_and_plan("granitemoe", **flags)
+    student = prune_model(model, plan)
+    for layer in plan.layers:
+        moe = model.model.layers[layer.source].block_sparse_moe
+        mask_router(moe.router, layer.experts)
+        with torch.no_grad():
+            for e, neurons in zip(layer.experts, layer.neurons):
+                moe.experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
+    close(logits(student), logits(model))
+    assert student.config.num_local_experts == flags["experts"]
+    assert student.config.num_experts_per_tok == flags.get("top_k", 2)
+    assert not torch.allclose(logits(student), logits(tiny_model("granitemoe")))  # the test is not vacuous
+
+
+def test_dropped_layers_equal_skipped_layers(family_name):
+    model, plan = teacher_and_plan(family_name, drop_layers=[1, 2])
+    student = prune_model(model, plan)
+    for i in plan.dropped_layers:
+        model.model.layers[i].register_forward_hook(
+            lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        )
+    assert torch.equal(logits(student), logits(model))
+    assert len(student.model.layers) == 2
+
+
+def rescale_norms(model, factor):
+    """Every RMSNorm: weight × √factor, ε × factor (see the module docstring)."""
+    norms = [m for m in model.modules() if hasattr(m, "variance_epsilon")]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.mul_(math.sqrt(factor))
+            norm.variance_epsilon *= factor
+    return len(norms)
+
+
+def test_embedding_channels_equal_zeroed_channels_with_rescaled_norms(family_name):
+    model, plan = teacher_and_plan(family_name, hidden=40)
+    t, family = plan.teacher, family_of(model.config)
+    gone = dropped(plan.hidden, t.hidden)
+    state = model.state_dict()
+    with torch.no_grad():
+        state["model.embed_tokens.weight"][:, gone] = 0
+        for i in range(t.layers):
+            for spec in t.layer_tensors():
+                writes_residual = "hidden" in spec.axes and "norm" not in spec.name and (
+                    len(spec.axes) == 1 or spec.axes[-1] != "hidden"
+                )
+                if writes_residual:
+                    name = f"model.layers.{i}.{family.memory_names.get(spec.name, spec.name)}"
+                    state[name].index_fill_(spec.axes.index("hidden"), torch.tensor(gone), 0)
+    reference = logits(model)
+    student = prune_model(model, plan)
+    assert not torch.allclose(logits(student), reference, atol=1e-3)  # removing ≠ zeroing, as RMSNorm sees D
+    assert rescale_norms(student, t.hidden / plan.student.hidden) == 2 * t.layers + 1
+    close(logits(student), reference)
+
+
+def test_a_plan_for_another_model_is_refused():
+    plan = identity_plan(Shape.from_config(tiny_model("llama", hidden_size=32).config))
+    with pytest.raises(UserError, match="another shape"):
+        prune_model(tiny_model("llama"), plan)
+
+
+# --- streamed checkpoints -----------------------------------------------------------------------------------
+
+
+def read_all(folder):
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def shrink_everything(name):
+    flags = dict(hidden=48, heads=2, kv_heads=1, drop_layers=[2])
+    flags.update(dict(experts=3, expert_ffn=16) if "moe" in name else dict(ffn=64))
+    return flags
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_streamed_is_byte_identical_to_in_memory(tmp_path, family_name, dtype):
+    if dtype == torch.bfloat16 and family_name not in ("llama", "granitemoe"):
+        pytest.skip("bf16 once per kind of model is enough")
+    model, plan = teacher_and_plan(family_name, **shrink_everything(family_name))
+    model = model.to(dtype)
+    model.save_pretrained(tmp_path / "teacher", max_shard_size="40KB")
+    assert len(list((tmp_path / "teacher").glob("*.safetensors"))) > 1
+    out = prune_checkpoint(tmp_path / "teacher", plan, tmp_path / "student", max_shard_bytes=30_000)
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+
+    on_disk = read_all(out)
+    assert set(index["weight_map"]) == set(on_disk)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
+    student = prune_model(model, plan)
+    renames = {v: k for k, v in family_of(model.config).memory_names.items()}
+    in_memory = {}
+    for name, tensor in student.state_dict().items():
+        for memory, disk in renames.items():
+            name = name.replace(memory, disk)
+        in_memory[name] = tensor
+    if plan.teacher.tied:
+        in_memory.pop("lm_head.weight")  # the teacher wrote no tied head, so neither does the student
+    assert set(on_disk) == set(in_memory)
+    for name, tensor in on_disk.items():
+        assert tensor.dtype == dtype == in_memory[name].dtype, name
+        assert torch.equal(tensor.view(-1).view(torch.uint8), in_memory[name].contiguous().view(-1).view(torch.uint8))
+
+
+def test_checkpoint_loads_and_generates(tmp_path, family_name):
+    """Multipliers, tied embeddings, experts and head_dim survive prune → from_pretrained → generate."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = save_tiny(family_name, tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    teacher.generation_config.save_pretrained(tmp_path / "teacher")
+    flags = shrink_everything(family_name)
+    plan = make_plan(Shape.from_config(teacher.config), student_shape(Shape.from_config(teacher.config), **flags),
+                     random_scores(Shape.from_config(teacher.config)), flags["drop_layers"])  # fmt: skip
+    out = prune_checkpoint(tmp_path / "teacher", plan, tmp_path / "student", command="minitron prune test")
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # stock loader, no trust_remote_code
+    assert torch.equal(logits(loaded), logits(prune_model(teacher, plan)))
+    assert Shape.from_config(loaded.config) == plan.student
+    for key in family_of(teacher.config).multipliers:
+        assert getattr(loaded.config, key) == getattr(teacher.config, key)
+    if plan.teacher.tied:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    layer_types = getattr(teacher.config, "layer_types", None)
+    if layer_types:
+        assert loaded.config.layer_types == [layer_types[i] for i in (0, 1, 3)]
+    generated = loaded.generate(IDS[:1, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "plan.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["head_dim"] == plan.teacher.head_dim
+    assert "minitron prune test" in (out / "README.md").read_text()
+    assert not list(tmp_path.glob(".student*")), "no temporary folder is left behind"
+
+
+def test_safetensors_writer_round_trips_every_dtype(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5).to(torch.bfloat16),
+        "b": torch.randn(7, dtype=torch.float64),
+        "c": torch.randint(-5, 5, (2, 3), dtype=torch.int8),
+        "d": torch.zeros(0, 4),
+        "e": torch.randn(2, 2).to(torch.float8_e4m3fn),
+    }
+    names = {torch.bfloat16: "BF16", torch.float64: "F64", torch.int8: "I8", torch.float32: "F32",
+             torch.float8_e4m3fn: "F8_E4M3"}  # fmt: skip
+    entries = [(k, names[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    write_safetensors(tmp_path / "x.safetensors", entries, iter(tensors.values()))
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k).view(torch.uint8), v.view(torch.uint8))
+    with pytest.raises(RuntimeError, match="header says"):
+        write_safetensors(tmp_path / "y.safetensors", entries[:1], iter([torch.zeros(3, 5)]))
+
+
+# --- memory: a checkpoint much larger than one tensor ----------------------------------------------------------
+
+_BIG = dict(hidden=1024, ffn=2816, heads=8, kv_heads=4, head_dim=128, layers=12, vocab=8192)
+
+
+def write_big_checkpoint(folder: Path, shard_bytes: int = 64 * 2**20) -> int:
+    """A Llama-shaped float32 checkpoint of random weights, written shard by shard; returns its size."""
+    from transformers import LlamaConfig
+
+    c = _BIG
+    config = LlamaConfig(hidden_size=c["hidden"], intermediate_size=c["ffn"], num_attention_heads=c["heads"],
+                         num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"], num_hidden_layers=c["layers"],
+                         vocab_size=c["vocab"])  # fmt: skip
+    folder.mkdir()
+    config.save_pretrained(folder)
+    shape = Shape.from_config(config)
+    names = [(spec.name, shape.tensor_shape(spec)) for spec in shape.global_tensors()]
+    names += [(f"model.layers.{i}.{s.name}", shape.tensor_shape(s)) for i in range(shape.layers) for s in shape.layer_tensors()]
+    # One random block tiled into every tensor: memory and I/O behave as with any weights, and it is written
+    # in a fraction of the time that drawing 150M random numbers takes.
+    block = torch.rand(2**20, generator=torch.Generator().manual_seed(0))
+    shard, used, count, weight_map, total = {}, 0, 0, {}, 0
+
+    def flush():
+        nonlocal shard, used, count
+        count += 1
+        save_file(shard, folder / f"part-{count}.safetensors")
+        weight_map.update({k: f"part-{count}.safetensors" for k in shard})
+        shard, used = {}, 0
+
+    for name, dims in names:
+        shard[name] = block.repeat(math.prod(dims) // block.numel() + 1)[: math.prod(dims)].view(dims)
+        used += shard[name].numel() * 4
+        total += shard[name].numel() * 4
+        if used >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return total
+
+
+def test_streamed_peak_memory_is_far_below_the_checkpoint(tmp_path):
+    size = write_big_checkpoint(tmp_path / "teacher")
+    script = textwrap.dedent(f"""
+        import json, resource, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_plan import random_scores
+        from minitron.families import Shape, read_config
+        from minitron.plan import make_plan, student_shape
+        from minitron.prune import prune_checkpoint
+
+        teacher = Shape.from_config(read_config({str(tmp_path / "teacher")!r}))
+        plan = make_plan(teacher, student_shape(teacher, hidden=768, ffn=2048, heads=4, layers=10), random_scores(teacher))
+        with open("/proc/self/status") as f:
+            before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        prune_checkpoint({str(tmp_path / "teacher")!r}, plan, {str(tmp_path / "student")!r},
+                         max_shard_bytes=100 * 2**20, show_progress=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        print(json.dumps({{"before": before * 1024, "peak": peak * 1024}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    largest = _BIG["vocab"] * _BIG["hidden"] * 4  # the embedding (and head), 32 MiB
+    shard = max(p.stat().st_size for p in (tmp_path / "teacher").glob("*.safetensors"))
+    grown = rss["peak"] - rss["before"]
+    # Per tensor: its shard is memory-mapped while it is read (the kernel may map the whole freshly written
+    # file, and mapped pages count in RSS though they are reclaimable page cache), the cut copy is made and
+    # written. So the peak grows by about one shard plus a few tensors, never by the checkpoint.
+    assert size > 600 * 2**20 and size > 8 * shard
+    assert grown < shard + 3 * largest, (rss, grown, shard, largest)
+    assert grown < size / 4
+    shapes = {}
+    for path in (tmp_path / "student").glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    assert len(shapes) == 3 + 10 * 9 and shapes["model.embed_tokens.weight"] == [8192, 768]
