@@ -136,6 +136,48 @@ def prune(
             console.print(f"wrote [bold]{info['out']}[/]")
 
 
+@app.command("eval")
+def eval_(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Results JSON to write.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: mmlu, hellaswag, gsm8k, wikitext.")] = "mmlu,hellaswag,gsm8k,wikitext",
+    limit: Annotated[Optional[int], typer.Option(help="Documents per task (quick checks only: not comparable).")] = None,
+    batch_size: Annotated[str, typer.Option(help="Requests per forward pass, or auto.")] = "auto",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local copies of the data sets instead of the hub.")] = None,
+    hellaswag_shots: Annotated[int, typer.Option(help="0, or 10 as in the Minitron / Open LLM Leaderboard tables.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not saved beside the checkpoint.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Keep lm-eval's and datasets' own log output.")] = False,
+    trust_remote_code: bool = False,
+) -> None:
+    """Evaluate MODEL with lm-eval (MMLU 5-shot, HellaSwag, GSM8K 5-shot, WikiText) into one results JSON."""
+    from minitron.evaluate import evaluate, summary_table
+
+    results = evaluate(
+        model, out, tasks=tasks, limit=limit, batch_size=batch_size, data_dir=data_dir,
+        hellaswag_shots=hellaswag_shots, device=device, dtype=dtype, tokenizer=tokenizer,
+        trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose,
+    )  # fmt: skip
+    console.print(summary_table(results["minitron"]))
+    console.print(f"wrote [bold]{out}[/]")
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Results JSON files written by `minitron eval`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (leaderboard.md, leaderboard.html).")],
+    references: Annotated[bool, typer.Option(help="Show the published reference rows beside ours.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Leaderboard of students beside their teachers (and published rows): Markdown + self-contained HTML."""
+    from minitron.report import write_report
+
+    written = write_report(results, out, references=references, overwrite=overwrite)
+    console.print(f"wrote [bold]{written / 'leaderboard.md'}[/] and [bold]{written / 'leaderboard.html'}[/]")
+
+
 @app.command()
 def distill(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny-cpu.yaml.")],
