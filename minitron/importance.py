@@ -384,7 +384,7 @@ def run(
             show_progress=show_progress, meta=meta, **options,
         )  # fmt: skip
     else:
-        loaded = _load_model(model, torch_dtype, trust_remote_code).to(torch_device)
+        loaded = _load_model(model, torch_dtype, torch_device, trust_remote_code)
         scores = compute_scores(loaded, blocks, show_progress=show_progress, meta=meta, **options)
     seconds = time.perf_counter() - start
     scores.meta["seconds"] = round(seconds, 3)
@@ -414,11 +414,14 @@ def _load_tokenizer(model: str, trust_remote_code: bool):
         ) from None
 
 
-def _load_model(model: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _load_model(model: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, trust_remote_code=trust_remote_code)
+        # Straight onto the device: a GPU run never holds the whole model in CPU memory too.
+        return AutoModelForCausalLM.from_pretrained(
+            str(model), dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code
+        )
     except OSError as e:
         raise UserError(f"cannot load the model ({str(e).splitlines()[0]})", where=str(model)) from None
 

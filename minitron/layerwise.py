@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -134,9 +135,14 @@ def sweep_pass(model, blocks, batch_size, recorder, losses, device, layer_source
         chunk = blocks[chunk_start : chunk_start + chunk_samples]
         batches = [chunk[i : i + batch_size].to(device) for i in range(0, len(chunk), batch_size)]
         recorder.active = False
-        probed = [_probe(base, ids) for ids in batches]
-        states = [hidden for hidden, _ in probed]
-        calls = [c for _, c in probed]
+        states, calls, shared = [], [], {}
+        for ids in batches:
+            hidden, layer_calls = _probe(base, ids)
+            states.append(hidden)
+            # What the layers get besides hidden states (rotary cos/sin, masks) depends only on the batch
+            # shape for unpadded blocks at positions 0..S-1: keep one copy per shape, since an eager
+            # attention mask alone is [B, 1, S, S].
+            calls.append(shared.setdefault(tuple(ids.shape), layer_calls))
         variants: dict[int, list[torch.Tensor]] = {}
         for i in range(n_layers):
             with layer_source.on_device(i) as layer:
@@ -197,6 +203,27 @@ class CheckpointLayers:
             yield layer
         finally:
             layer.to("meta")  # frees the weights; the module and its hooks stay
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps the freed weights of one layer in its heap and
+    fragmentation stops the next layer from reusing all of it, so without this the resident memory of a
+    streamed pass creeps up by most of a layer per layer (measured: +220 MiB over 12 layers of a 100M
+    model; flat with it). A no-op where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    return None
 
 
 class CheckpointReader:
@@ -263,6 +290,10 @@ def free_memory(device: torch.device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        # MemAvailable counts reclaimable page cache as free, unlike sysconf's free pages.
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     with contextlib.suppress(ValueError, OSError, AttributeError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return 8 << 30

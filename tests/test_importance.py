@@ -356,3 +356,25 @@ def test_cli_user_errors(checkpoint, tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     if case == "exists":
         assert out.read_text() == "keep me"
+
+
+def test_a_model_that_does_not_fit_is_streamed_automatically(checkpoint, tmp_path, monkeypatch):
+    import minitron.importance as imp
+
+    common = dict(samples=4, seq_len=12, batch_size=2, device="cpu", show_progress=False)
+    whole, info = imp.run(str(checkpoint / "model"), str(checkpoint / "calib.txt"), tmp_path / "a.safetensors", **common)
+    assert info["mode"] == "whole-model"
+    monkeypatch.setattr(imp, "free_memory", lambda device: 1 << 10)  # 1 KiB free: the tiny model won't fit
+    streamed, info = imp.run(str(checkpoint / "model"), str(checkpoint / "calib.txt"), tmp_path / "b.safetensors", **common)
+    assert info["mode"] == "streamed"
+    assert_same(whole, streamed, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_fill_the_budget_in_whole_batches():
+    from minitron.layerwise import chunk_samples
+
+    shape = Shape.from_config(tiny_model("llama").config)  # hidden 64, 4 layers
+    per_sample = 16 * 64 * 4  # seq_len 16, float32
+    assert chunk_samples(shape, 16, 2, False, "cpu", torch.float32, budget=7 * per_sample) == 6
+    assert chunk_samples(shape, 16, 2, True, "cpu", torch.float32, budget=7 * per_sample) == 2  # 5 states a sample
+    assert chunk_samples(shape, 16, 3, False, "cpu", torch.float32, budget=1) == 3  # never below one batch
