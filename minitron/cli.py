@@ -104,12 +104,23 @@ def prune(
     seq_len: Annotated[int, typer.Option(help="--calib: tokens per block.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="--calib: blocks per forward pass.")] = 1,
     seed: Annotated[int, typer.Option(help="--calib: seed of the block choice.")] = 0,
+    target: Annotated[Optional[str], typer.Option(help="Search the shape for a parameter count (4B, 800M) or fraction (0.5x).")] = None,
+    active_target: Annotated[Optional[str], typer.Option(help="MoE: search for active parameters per token.")] = None,
+    axes: Annotated[str, typer.Option(help="--target: what may shrink, any of width,depth,experts.")] = "width",
+    prune_heads: Annotated[bool, typer.Option(help="--target: width may also remove query heads (within GQA groups).")] = False,
+    tolerance: Annotated[str, typer.Option(help="--target: how far from it a candidate may land (2% or 0.02).")] = "2%",
+    limit: Annotated[Optional[list[str]], typer.Option(help="--target: most of a dim to remove, e.g. ffn=0.4 (default 0.5; repeatable).")] = None,
+    top_k_candidates: Annotated[int, typer.Option(help="--target: candidates pruned and scored on held-out tokens.")] = 5,
+    rank_by: Annotated[str, typer.Option(help="--target: score candidates by held-out loss or kl to the teacher.")] = "loss",
+    depth_strategy: Annotated[str, typer.Option(help="--target: layers to drop by window, block or loss.")] = "window",
+    search_steps: Annotated[int, typer.Option(help="--target: distillation steps per candidate before scoring.")] = 0,
+    heldout_samples: Annotated[int, typer.Option(help="--target: held-out blocks that score the candidates.")] = 32,
     dry_run: Annotated[bool, typer.Option(help="Show the student's shape and counts; write nothing.")] = False,
     as_json: JsonOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     trust_remote_code: bool = False,
 ) -> None:
-    """Prune MODEL to an explicit shape: a stock Hugging Face checkpoint in OUT, streamed shard by shard."""
+    """Prune MODEL to an explicit shape, or search one for --target: a stock Hugging Face checkpoint in OUT."""
     import shlex
 
     from minitron import prune as pruning
@@ -118,6 +129,28 @@ def prune(
 
     teacher = Shape.from_config(load_config(model, trust_remote_code=trust_remote_code))
     dropped = parse_layers(drop_layers, teacher.layers) if drop_layers else None
+    if target is not None or active_target is not None:
+        from minitron import search
+
+        search.refuse_explicit({
+            "--hidden-size": hidden_size, "--ffn-size": ffn_size, "--heads": heads, "--kv-heads": kv_heads,
+            "--layers": layers, "--experts": experts, "--expert-ffn-size": expert_ffn_size, "--top-k": top_k,
+        })  # fmt: skip
+        info = search.prune_to_target(
+            model, teacher, target=target, active_target=active_target, axes=axes, prune_heads=prune_heads,
+            tolerance=tolerance, limits=limit or (), dry_run=dry_run, out=out, drop_layers=dropped,
+            ranking=search.Ranking(top_k_candidates, rank_by, depth_strategy, search_steps, heldout_samples),
+            scores_file=scores, calibration=pruning.Calibration(calib, samples, seq_len, batch_size, seed) if calib else None,
+            overwrite=overwrite, trust_remote_code=trust_remote_code, command=shlex.join(["minitron", *sys.argv[1:]]),
+            show_progress=not as_json,
+        )  # fmt: skip
+        if as_json:
+            return print_json(info)
+        for renderable in search.render(info, teacher):
+            console.print(renderable)
+        if "out" in info:
+            console.print(f"wrote [bold]{info['out']}[/] (plan.json, search.json beside the weights)")
+        return
     student = student_shape(
         teacher, hidden=hidden_size, ffn=ffn_size, heads=heads, kv_heads=kv_heads, layers=layers,
         experts=experts, expert_ffn=expert_ffn_size, top_k=top_k, drop_layers=dropped,

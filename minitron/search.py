@@ -748,7 +748,7 @@ class Request:
         return {"budget": self.budget.to_dict(), "axes": list(self.axes), "search_space": self.space.to_dict()}
 
 
-def dry_run(model: str, teacher: Shape, request: Request) -> dict[str, Any]:
+def dry_run_record(model: str, teacher: Shape, request: Request) -> dict[str, Any]:
     """The ``--dry-run --json`` record: teacher, budget, grid and every candidate, best-first."""
     found = request.candidates()
     return {
@@ -1040,3 +1040,39 @@ def _budget_text(budget: dict[str, Any]) -> str:
     parts = [f"{human(budget['total'])} params"] if budget["total"] else []
     parts += [f"{human(budget['active'])} active"] if budget["active"] else []
     return f"{' and '.join(parts)} ±{budget['tolerance']:.0%}"
+
+
+def prune_to_target(
+    model: str,
+    teacher: Shape,
+    *,
+    target: str | None,
+    active_target: str | None,
+    axes: str,
+    prune_heads: bool,
+    tolerance: str,
+    limits: Iterable[str],
+    ranking: Ranking,
+    dry_run: bool,
+    out: str | Path | None,
+    drop_layers: list[int] | None,
+    scores_file: str | Path | None,
+    calibration: Any,
+    overwrite: bool,
+    trust_remote_code: bool,
+    command: str | None,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """``minitron prune --target``: the candidates (``dry_run``: shape arithmetic only) or the whole search."""
+    request = Request.parse(
+        teacher, target=target, active_target=active_target, axes=axes, prune_heads=prune_heads,
+        tolerance=tolerance, limits=limits, drop_layers=drop_layers,
+    )  # fmt: skip
+    if dry_run:
+        ranking.check()
+        return dry_run_record(model, teacher, request)
+    return run(
+        model, teacher, request, ranking, out=out, drop_layers=drop_layers, scores_file=scores_file,
+        calibration=calibration, overwrite=overwrite, trust_remote_code=trust_remote_code, command=command,
+        show_progress=show_progress,
+    )  # fmt: skip

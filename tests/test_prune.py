@@ -329,7 +329,7 @@ def write_big_checkpoint(folder: Path, shard_bytes: int = 64 * 2**20) -> int:
 def test_streamed_peak_memory_is_far_below_the_checkpoint(tmp_path):
     size = write_big_checkpoint(tmp_path / "teacher")
     script = textwrap.dedent(f"""
-        import json, resource, sys, torch
+        import json, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_plan import random_scores
         from minitron.families import Shape, read_config
@@ -338,12 +338,18 @@ def test_streamed_peak_memory_is_far_below_the_checkpoint(tmp_path):
 
         teacher = Shape.from_config(read_config({str(tmp_path / "teacher")!r}))
         plan = make_plan(teacher, student_shape(teacher, hidden=768, ffn=2048, heads=4, layers=10), random_scores(teacher))
-        with open("/proc/self/status") as f:
-            before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        def status(field):  # KiB
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+        # The peak so far includes importing torch (large on CUDA builds): reset it to the current RSS
+        # (Linux: "5" into clear_refs), so that the peak read afterwards is the pruning's own.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
         prune_checkpoint({str(tmp_path / "teacher")!r}, plan, {str(tmp_path / "student")!r},
                          max_shard_bytes=100 * 2**20, show_progress=False)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        print(json.dumps({{"before": before * 1024, "peak": peak * 1024}}))
+        print(json.dumps({{"before": before * 1024, "peak": status("VmHWM") * 1024}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -362,3 +368,152 @@ def test_streamed_peak_memory_is_far_below_the_checkpoint(tmp_path):
         with safe_open(path, "pt") as f:
             shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
     assert len(shapes) == 3 + 10 * 9 and shapes["model.embed_tokens.weight"] == [8192, 768]
+
+
+# --- the `minitron prune` verb --------------------------------------------------------------------------------
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "minitron.cli", "prune", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, reference, total",
+    [
+        (["--hidden-size", 3072, "--ffn-size", 9216], "llama-3.1-minitron-4b-width", 4_512_746_496),
+        (["--drop-layers", "16-31"], "llama-3.1-minitron-4b-depth", 4_540_469_248),
+    ],
+    ids=["width", "depth"],
+)
+def test_full_size_dry_run_gives_the_published_shapes(tmp_path, flags, reference, total):
+    from minitron.families import read_config
+
+    result = cli(SHARED / "llama-3.1-8b", *flags, "--dry-run", "--json", "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    expected = Shape.from_config(read_config(SHARED / reference))
+    assert info["student"]["shape"] == expected.to_dict()
+    assert info["student"]["params"]["total"] == total
+    assert info["teacher"]["params"]["total"] == 8_030_261_248
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_dry_run_table_on_a_config_only_folder():
+    result = cli(SHARED / "granite-3.1-1b-a400m-base", "--experts", 16, "--expert-ffn-size", 256, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "experts" in result.stdout and "params active" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    for name in ("llama", "granitemoe"):
+        save_tiny(name, root / name)
+    scores = random_scores(Shape.from_config(tiny_model("llama").config))
+    scores.save(root / "scores.safetensors")
+    random_scores(Shape.from_config(tiny_model("mistral").config)).save(root / "mistral-scores.safetensors")
+    return root
+
+
+def test_cli_prunes_with_saved_scores(tmp_path, checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    result = cli(checkpoints / "llama", "-o", out, "--hidden-size", 48, "--heads", 2, "--layers", 3,
+                 "--scores", checkpoints / "scores.safetensors", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["out"] == str(out) and len(info["dropped_layers"]) == 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.hidden_size, model.config.num_attention_heads, model.config.num_hidden_layers) == (48, 2, 3)
+    card = (out / "README.md").read_text()
+    assert "--scores" in card and json.loads((out / "plan.json").read_text())["scores"]["sha256"] in card
+
+
+def test_cli_computes_scores_on_the_fly(tmp_path):
+    save_tiny("qwen2", tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog\n\n" * 50)
+    out = tmp_path / "student"
+    result = cli(tmp_path / "teacher", "-o", out, "--ffn-size", 48, "--calib", tmp_path / "calib.txt",
+                 "--samples", 4, "--seq-len", 16)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    from minitron.importance import Scores
+
+    scores = Scores.load(out / "scores.safetensors", expect=Shape.from_config(tiny_model("qwen2").config))
+    assert json.loads((out / "plan.json").read_text())["scores"]["sha256"] == scores.digest
+    assert (out / "tokenizer.json").is_file()
+
+
+def assert_refused(result, out, *needles):
+    """One line on stderr, exit 2, no traceback, and nothing written where OUT would go."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def corrupt(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "no-config", "unsupported", "too-large", "heads-vs-groups", "experts-vs-top-k", "no-scores",
+     "other-model-scores", "corrupt-scores", "corrupt-checkpoint", "no-weights", "bad-layers"],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, checkpoints, case):
+    import shutil
+
+    out = tmp_path / "out"
+    llama = checkpoints / "llama"
+    if case == "missing":
+        assert_refused(cli(tmp_path / "nope", "-o", out), out, "no such file")
+    elif case == "no-config":
+        assert_refused(cli(tmp_path, "-o", out), out, "config.json")
+    elif case == "unsupported":
+        (tmp_path / "bert").mkdir()
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+        assert_refused(cli(tmp_path / "bert", "-o", out), out, "bert", "llama")
+    elif case == "too-large":
+        assert_refused(cli(llama, "-o", out, "--hidden-size", 128), out, "--hidden-size", "larger than")
+    elif case == "heads-vs-groups":
+        assert_refused(cli(llama, "-o", out, "--heads", 3), out, "do not divide into 2 KV groups")
+    elif case == "experts-vs-top-k":
+        assert_refused(cli(checkpoints / "granitemoe", "-o", out, "--experts", 1), out, "top-k", "--top-k 1")
+    elif case == "no-scores":
+        assert_refused(cli(llama, "-o", out, "--ffn-size", 48), out, "--scores", "--calib")
+    elif case == "other-model-scores":
+        result = cli(llama, "-o", out, "--ffn-size", 48, "--scores", checkpoints / "mistral-scores.safetensors")
+        assert_refused(result, out, "different model")
+    elif case == "corrupt-scores":
+        shutil.copy(checkpoints / "scores.safetensors", tmp_path / "scores.safetensors")
+        corrupt(tmp_path / "scores.safetensors")
+        result = cli(llama, "-o", out, "--ffn-size", 48, "--scores", tmp_path / "scores.safetensors")
+        assert_refused(result, out, "scores")
+    elif case == "corrupt-checkpoint":
+        shutil.copytree(llama, tmp_path / "teacher")
+        corrupt(tmp_path / "teacher" / "model.safetensors")
+        assert_refused(cli(tmp_path / "teacher", "-o", out, "--drop-layers", 1), out, "corrupt safetensors")
+    elif case == "no-weights":
+        (tmp_path / "teacher").mkdir()
+        shutil.copy(llama / "config.json", tmp_path / "teacher")
+        assert_refused(cli(tmp_path / "teacher", "-o", out, "--drop-layers", 1), out, "no *.safetensors")
+    elif case == "bad-layers":
+        assert_refused(cli(llama, "-o", out, "--drop-layers", "2-9"), out, "layer 9 does not exist")
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, checkpoints):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = cli(checkpoints / "llama", "-o", out, "--drop-layers", 1)
+    assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not list(tmp_path.glob(".out*"))
+    result = cli(checkpoints / "llama", "-o", out, "--drop-layers", 1, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
