@@ -109,7 +109,9 @@ def packed_blocks(data: Data, tokenizer: Any, world: World) -> np.ndarray:
     a second run, a resume or another ``seq_len`` costs nothing; the last partial block is dropped.
     """
     folder = cache_root(data) / _data_key(data, tokenizer)
-    if not (folder / "meta.json").is_file():
+    cached = (folder / "meta.json").is_file()
+    barrier(world)  # every process has looked before the main one writes: all take the same branch
+    if not cached:
         if world.main:
             _tokenize_to(folder, data, tokenizer)
         barrier(world)
@@ -498,14 +500,15 @@ def prepare_run_dir(recipe: Recipe, resume: bool, world: World) -> Path:
     """Refuse to clobber an earlier run unless asked, and keep a resumed run on its original recipe."""
     run_dir = Path(recipe.output.dir)
     saved = run_dir / RECIPE
-    if run_dir.exists() and not resume:
+    existed = run_dir.exists()
+    barrier(world)  # every process has looked before the main one creates or deletes: all decide alike
+    if existed and not resume:
         if not recipe.output.overwrite:
             raise UserError(
                 "run folder already exists",
                 where=f"output.dir {run_dir}",
                 fix="pass --resume to continue it, output.overwrite=true to replace it, or another output.dir",
             )
-        barrier(world)  # everyone has seen the old folder before it goes
         if world.main:
             shutil.rmtree(run_dir)
     elif resume and saved.is_file():
