@@ -51,6 +51,7 @@ from minitron.report_console import progress
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "minitron" / "assets" / "data" / "wikitext-2"
+RAW_TEST = REPO / "minitron" / "assets" / "data" / "eval" / "wikitext-2-raw" / "wiki.test.raw"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 console = Console(stderr=True)
 
@@ -71,20 +72,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--valid", type=Path, default=DATA / "valid.jsonl.gz", help="valid articles (from prepare)")
     t.add_argument("--max-articles", type=int, default=None, help="use only the first N train articles (smoke runs)")
     t.add_argument("--valid-articles", type=int, default=None, help="score only the first N valid articles")
+    t.add_argument("--raw-test", type=Path, default=RAW_TEST, help="wikitext-2-raw test file scored for the card")
+    t.add_argument("--test-articles", type=int, default=None, help="score only the first N raw test articles")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="optimizer steps; default: as many as fit in --minutes")
     t.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget used when --steps is not given")
     t.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the build machine is shared)")
-    # Shape: small enough that fp32 weights stay under 30 MB and a 2x width prune, a few hundred
-    # distillation steps and the evaluation of teacher and students fit in 10 minutes on 2 CPU cores.
+    # Shape: ~10.5M parameters, so that the bf16 weights stay under 30 MB and a 2x width prune, a few
+    # hundred distillation steps and the evaluation of teacher and students fit in 10 minutes on 2 CPU cores.
     t.add_argument("--vocab", type=int, default=4096)
-    t.add_argument("--hidden", type=int, default=256)
-    t.add_argument("--layers", type=int, default=6)
-    t.add_argument("--heads", type=int, default=8)
+    t.add_argument("--hidden", type=int, default=320)
+    t.add_argument("--layers", type=int, default=8)
+    t.add_argument("--heads", type=int, default=10)
     t.add_argument("--kv-heads", type=int, default=2)
-    t.add_argument("--ffn", type=int, default=704)
+    t.add_argument("--ffn", type=int, default=768)
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--tie-embeddings", action="store_true", help="share input embedding and LM head")
+    t.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of the shipped weights (scored after rounding to it)")
     # Optimisation.
     t.add_argument("--batch", type=int, default=8, help="sequences per step")
     t.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
@@ -93,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     t.add_argument("--eval-every", type=int, default=100, help="steps between validation + checkpoint")
+
+    r = sub.add_parser("rescore", help="score a finished --out again and rewrite its training.json and card")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--valid", type=Path, default=DATA / "valid.jsonl.gz")
+    r.add_argument("--raw-test", type=Path, default=RAW_TEST)
+    r.add_argument("--test-articles", type=int, default=None)
+    r.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -268,15 +280,18 @@ def save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def load_checkpoint(work: Path, model, optimizer) -> dict | None:
+def load_checkpoint(work: Path, model, optimizer, fingerprint: dict) -> dict | None:
     last = work / "last"
     if not (last / "state.json").is_file():
         return None
+    state = json.loads((last / "state.json").read_text())
+    if state["config"] != fingerprint:  # before touching weights of another shape
+        sys.exit(f"error: {last} was trained with other settings — delete it or pass another --work")
     model.load_state_dict(load_file(last / "model.safetensors"), strict=False)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
-    return json.loads((last / "state.json").read_text())
+    return state
 
 
 # ---------------------------------------------------------------- training
@@ -314,10 +329,8 @@ def run(args: argparse.Namespace) -> dict:
         lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
     )
 
-    state = load_checkpoint(work, model, optimizer)
+    state = load_checkpoint(work, model, optimizer, config_fingerprint(args))
     if state is not None:
-        if state["config"] != config_fingerprint(args):
-            sys.exit(f"error: {work / 'last'} was trained with other settings — delete it or pass another --work")
         console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
     else:
         state = {"step": 0, "total": args.steps, "train_seconds": 0.0, "first_loss": None, "history": [],
@@ -364,9 +377,6 @@ def run(args: argparse.Namespace) -> dict:
                             f"valid(32 blocks) {val:.3f}  {state['train_seconds'] / 60:.1f} min")
                 save_checkpoint(work, model, optimizer, state)
 
-    scored = rolling_nll(model, tokenizer, [r["text"] for r in valid], args.seq_len)
-    total_nll = sum(scored["nll"])
-    words = sum(r["words"] for r in valid)
     summary = {
         "seed": args.seed,
         "steps": state["total"],
@@ -374,16 +384,7 @@ def run(args: argparse.Namespace) -> dict:
         "train_tokens": len(train_stream),
         "epochs": round(state["total"] * args.batch / len(train_blocks), 3),
         "train_minutes": round(state["train_seconds"] / 60, 1),
-        "wall_minutes_this_process": round((time.time() - started) / 60, 1),
         "first_loss": state["first_loss"],
-        "valid": {
-            "articles": len(valid),
-            "tokens": scored["tokens"],
-            "words": words,
-            "loss": round(total_nll / scored["tokens"], 4),
-            "ppl": round(math.exp(total_nll / scored["tokens"]), 2),
-            "word_ppl": round(math.exp(total_nll / words), 2),
-        },
         "params": sum(p.numel() for p in model.parameters()),
         "history": state["history"],
         "machine": machine(args.threads),
@@ -391,20 +392,81 @@ def run(args: argparse.Namespace) -> dict:
         "command": reproduce_command(args, state["total"]),
         "data_sha256": {p.name: sha256(p) for p in (args.train, args.valid)},
     }
+    # Score exactly what ships: the weights rounded to --save-dtype (computed in float32 on the CPU).
+    shipped = getattr(torch, args.save_dtype)
+    model = model.to(shipped).float().eval()
+    summary["weights_dtype"] = args.save_dtype
+    summary.update(perplexities(model, tokenizer, valid, args.raw_test, args.test_articles))
+    summary["wall_minutes_this_process"] = round((time.time() - started) / 60, 1)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.to(shipped).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(model.config, args, summary))
         readable(tmp)
-    v = summary["valid"]
-    console.log(f"wrote {args.out}: valid loss {v['loss']:.4f} / token, ppl {v['ppl']:.2f}, word ppl {v['word_ppl']:.2f}")
+    report(args.out, summary)
     return summary
+
+
+def perplexities(model, tokenizer, valid: list[dict], raw_test: Path, test_articles: int | None) -> dict:
+    """Rolling (lm-eval) scores of WikiText-2 valid v1 (the training text's form) and, unless
+    ``test_articles`` is 0, of the raw test split exactly as ``minitron eval``'s ``wikitext`` task reads it."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    from minitron.eval_data import read_wikitext_pages
+
+    seq_len = model.config.max_position_embeddings
+    out = {"valid": _metrics(rolling_nll(model, tokenizer, [r["text"] for r in valid], seq_len),
+                             words=sum(r["words"] for r in valid), articles=len(valid))}
+    if test_articles != 0:
+        pages = [p["page"] for p in read_wikitext_pages(raw_test)][:test_articles]
+        scored = rolling_nll(model, tokenizer, [wikitext_detokenizer({"page": p}) for p in pages], seq_len)
+        out["wikitext_raw_test"] = _metrics(scored, words=sum(len(re.split(r"\s+", p)) for p in pages),
+                                            articles=len(pages))
+    return out
+
+
+def _metrics(scored: dict, *, words: int, articles: int) -> dict:
+    nll = sum(scored["nll"])
+    return {
+        "articles": articles,
+        "tokens": scored["tokens"],
+        "words": words,
+        "loss": round(nll / scored["tokens"], 4),
+        "ppl": round(math.exp(nll / scored["tokens"]), 2),
+        "word_ppl": round(math.exp(nll / words), 2),
+    }
+
+
+def rescore(args: argparse.Namespace) -> dict:
+    """Score a finished teacher again (e.g. after the card's template or the test text changed)."""
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    summary = json.loads((args.out / "training.json").read_text())
+    model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.out)
+    summary.update(perplexities(model, tokenizer, read_articles(args.valid), args.raw_test, args.test_articles))
+    trained_with = parse_args(shlex.split(summary["command"])[2:])
+    for name, text in (("training.json", json.dumps(summary, indent=2) + "\n"),
+                       ("README.md", model_card(model.config, trained_with, summary))):
+        with atomic_file(args.out / name, overwrite=True) as tmp:
+            tmp.write_text(text)
+            readable(tmp)
+    report(args.out, summary)
+    return summary
+
+
+def report(out: Path, summary: dict) -> None:
+    for name in ("valid", "wikitext_raw_test"):
+        if name in summary:
+            m = summary[name]
+            console.log(f"{out} {name}: loss {m['loss']:.4f} / token, ppl {m['ppl']:.2f}, word ppl {m['word_ppl']:.2f}")
 
 
 def config_fingerprint(args: argparse.Namespace) -> dict:
     """Everything that changes the trained weights (not --out, --work, --minutes): a resume must match it."""
-    skip = {"verb", "out", "overwrite", "work", "minutes", "valid", "valid_articles", "eval_every", "steps"}
+    skip = {"verb", "out", "overwrite", "work", "minutes", "valid", "valid_articles", "raw_test", "test_articles",
+            "eval_every", "steps"}
     return {k: str(v) for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -438,14 +500,19 @@ def machine(threads: int) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {threads} thread(s), no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {threads} thread(s)"
 
 
 # ---------------------------------------------------------------- model card
 
 
 def model_card(config: LlamaConfig, args: argparse.Namespace, s: dict) -> str:
-    v = s["valid"]
+    names = {"valid": "WikiText-2 valid (v1)", "wikitext_raw_test": "WikiText-2 raw test"}
+    evaluation = "\n".join(
+        f"| {title} | {m['articles']} | {m['tokens']:,} | {m['loss']:.4f} | {m['ppl']:.2f} | {m['word_ppl']:.2f} |"
+        for key, title in names.items()
+        if (m := s.get(key))
+    )
     history = "\n".join(
         f"| {h['step']} | {h['train_loss']:.3f} | {h['valid_loss']:.3f} |" for h in s["history"]
     )
@@ -500,27 +567,27 @@ during training; `{PAD}` (id {config.pad_token_id}) is padding only. No token is
 | optimizer | AdamW (β = 0.9, 0.95; weight decay {args.weight_decay} on matrices), gradient clip {args.clip} |
 | schedule | linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g} |
 | seed | {s['seed']} |
-| training time | {s['train_minutes']} min of optimizer steps |
+| training time | {s['train_minutes']} min of wall time in optimizer steps, on 2 cores shared with other jobs (slower than the same run alone) |
 | machine | {s['machine']} — no GPU was available for this run |
 | software | torch {s['versions'].get('torch')}, transformers {s['versions'].get('transformers')} |
 
-## Evaluation: WikiText-2 valid
+## Evaluation
 
-All {v['articles']} articles of WikiText-2 valid (v1, detokenized like the training text), each scored alone
-as lm-eval's `loglikelihood_rolling` does: EOS as the first token's context, then disjoint windows of
-{args.seq_len} predicted tokens, {v['tokens']:,} tokens in all.
+Each article is scored alone, as lm-eval's `loglikelihood_rolling` scores it (its own window functions):
+EOS as the first token's context, then disjoint windows of {args.seq_len} predicted tokens.
 
-| metric | value |
-|---|---|
-| token-level loss (nats / token) | {v['loss']:.4f} |
-| token-level perplexity | {v['ppl']:.2f} |
-| word-level perplexity (total NLL / {v['words']:,} words) | {v['word_ppl']:.2f} |
+| text | articles | tokens | loss (nats / token) | token perplexity | word perplexity |
+|---|---|---|---|---|---|
+{evaluation}
 
-Token-level numbers depend on this tokenizer. The word-level figure divides the same total NLL by
-lm-eval's word count of the pages (whitespace split before detokenization), which is how lm-eval's
-`wikitext` task defines `word_perplexity`. The valid text keeps WikiText v1's `<unk>` markers, which are
-easy to predict, so it reads lower than the same metric on the raw (`wikitext-2-raw-v1`) text that
-lm-eval's `wikitext` task scores.
+- **WikiText-2 valid (v1)**: the valid split in the training text's form (detokenized, `<unk>` kept);
+  `minitron/assets/data/wikitext-2/valid.jsonl.gz`. Not used for any choice during training except the
+  32-block loss curve below.
+- **WikiText-2 raw test**: `wikitext-2-raw-v1` test (real words instead of `<unk>`), cut into articles and
+  detokenized exactly as `minitron eval`'s `wikitext` task does (`minitron/assets/data/eval/wikitext-2-raw/`),
+  so its word perplexity is the number the leaderboard shows for this teacher.
+- Token perplexity depends on this tokenizer. Word perplexity divides the same total NLL by lm-eval's word
+  count (whitespace split of the page before detokenization), as lm-eval's `word_perplexity` does.
 
 Loss on the first 32 packed valid blocks during training:
 
@@ -551,6 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.verb == "prepare":
         prepare(args.wikitext, args.out)
+    elif args.verb == "rescore":
+        rescore(args)
     else:
         run(args)
 
