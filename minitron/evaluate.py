@@ -198,19 +198,15 @@ def cpu_batch_size(max_length: int, vocab: int) -> int:
 
 def load_model(model: str | Path, *, device: str, dtype: str, tokenizer: str | None, trust_remote_code: bool):
     """The checkpoint and its tokenizer, on ``device``, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from minitron.families import load_tokenizer
 
     torch_dtype = _resolve_dtype(dtype, device)
-    source = tokenizer or str(model)
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load a tokenizer ({str(e).splitlines()[0]})",
-            where=source,
-            fix="save the tokenizer beside the checkpoint, or pass --tokenizer PATH_OR_HUB_ID",
-        ) from None
+    tok = load_tokenizer(
+        tokenizer or str(model), trust_remote_code=trust_remote_code,
+        fix="save the tokenizer beside the checkpoint, or pass --tokenizer PATH_OR_HUB_ID",
+    )  # fmt: skip
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as e:

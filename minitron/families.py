@@ -317,6 +317,22 @@ def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
     return config
 
 
+def load_tokenizer(
+    source: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    fix: str = "save the tokenizer files (tokenizer.json, tokenizer_config.json) beside the checkpoint",
+) -> Any:
+    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load a tokenizer ({reason})", where=str(source), fix=fix) from None
+
+
 def meta_model(config: Any) -> Any:
     """The full-size transformers model on the meta device: shapes without memory."""
     import torch

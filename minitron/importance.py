@@ -330,10 +330,9 @@ def fits(shape: Shape, dtype: torch.dtype, device: torch.device) -> bool:
     return weights * 1.3 < free_memory(device)
 
 
-def run(
+def score(
     model: str,
     calib: str,
-    out: str | Path,
     *,
     samples: int = 1024,
     seq_len: int = 4096,
@@ -346,17 +345,17 @@ def run(
     device: str = "auto",
     dtype: str = "auto",
     split: str = "train",
-    overwrite: bool = False,
     trust_remote_code: bool = False,
     show_progress: bool = True,
 ) -> tuple[Scores, dict[str, Any]]:
-    """``minitron importance``: calibration tokens → scores file. Every check that can fail on the user's
-    input runs before the model is loaded; the file appears only when complete."""
-    from minitron.artifacts import check_output_dir
-    from minitron.data import token_blocks
-    from minitron.families import has_weights, is_local, load_config
+    """Importance scores of ``model`` (folder or hub id) on ``calib`` data, with how they were computed.
 
-    check_output_dir(out, overwrite)
+    Every check that can fail on the user's input runs before the model is loaded. The whole model is
+    loaded onto ``device`` when it fits there, else it is streamed one layer at a time from its safetensors
+    (``offload`` forces that)."""
+    from minitron.data import token_blocks
+    from minitron.families import has_weights, is_local, load_config, load_tokenizer
+
     _check_aggregations(batch_agg, seq_agg)
     if batch_size < 1:
         raise UserError("must be ≥ 1", where="--batch-size")
@@ -367,7 +366,7 @@ def run(
         raise UserError("folder has no .safetensors weights", where=str(model), fix="importance needs a checkpoint with weights")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    tokenizer = _load_tokenizer(model, trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     blocks = token_blocks(tokenizer, calib, seq_len=seq_len, samples=samples, seed=seed, split=split)
 
     meta = {
@@ -388,30 +387,28 @@ def run(
         scores = compute_scores(loaded, blocks, show_progress=show_progress, meta=meta, **options)
     seconds = time.perf_counter() - start
     scores.meta["seconds"] = round(seconds, 3)
-    scores.save(out, overwrite=overwrite)
     info = {
-        "out": str(out),
         "mode": scores.meta["settings"]["mode"],
         "device": str(torch_device),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "tokens": int(blocks.numel()),
         "seconds": seconds,
-        "digest": scores.meta["digest"],
+        "digest": scores.digest,
     }
     return scores, info
 
 
-def _load_tokenizer(model: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+def run(
+    model: str, calib: str, out: str | Path, *, overwrite: bool = False, **options: Any
+) -> tuple[Scores, dict[str, Any]]:
+    """``minitron importance``: :func:`score`, then the scores file, which appears only when complete. An
+    existing ``out`` is refused before any work."""
+    from minitron.artifacts import check_output_dir
 
-    try:
-        return AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load its tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-            where=str(model),
-            fix="the checkpoint needs its tokenizer files (tokenizer.json / tokenizer_config.json)",
-        ) from None
+    check_output_dir(out, overwrite)
+    scores, info = score(model, calib, **options)
+    scores.save(out, overwrite=overwrite)
+    return scores, {"out": str(out), **info}
 
 
 def _load_model(model: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> nn.Module:

@@ -433,26 +433,15 @@ def local_checkpoint(model: str) -> Path:
 
 
 def calibrate(src: Path, calibration: Calibration, trust_remote_code: bool = False) -> Any:
-    """Importance scores of the teacher in ``src`` on ``calibration.data`` (see :mod:`minitron.importance`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Importance scores of the teacher in ``src`` on ``calibration.data``: the same pass as ``minitron
+    importance`` (whole model on the device when it fits, else streamed layer by layer)."""
+    from minitron import importance
 
-    from minitron.data import token_blocks
-    from minitron.importance import compute_scores
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load a tokenizer ({str(e).splitlines()[0]})",
-            where=str(src),
-            fix="--calib needs the teacher's tokenizer files beside its weights; or pass --scores FILE",
-        ) from None
-    blocks = token_blocks(
-        tokenizer, calibration.data, seq_len=calibration.seq_len, samples=calibration.samples, seed=calibration.seed
-    )
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=trust_remote_code).eval()
-    meta = {"model": str(src), "data": calibration.data, "seed": calibration.seed}
-    return compute_scores(model, blocks, batch_size=calibration.batch_size, meta=meta)
+    scores, _ = importance.score(
+        str(src), calibration.data, samples=calibration.samples, seq_len=calibration.seq_len,
+        batch_size=calibration.batch_size, seed=calibration.seed, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    return scores
 
 
 def run(

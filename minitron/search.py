@@ -830,7 +830,9 @@ class Ranking:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from minitron.importance import resolve_device
+
+    return resolve_device("auto")
 
 
 def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, trust_remote_code: bool):
@@ -841,21 +843,15 @@ def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, t
     the scores were computed on. With ``--scores``, the stream is laid out as the scores' own settings say;
     it is disjoint from their blocks when ``--calib`` and ``--seed`` are those the scores were computed with.
     """
-    from transformers import AutoTokenizer
-
     from minitron.data import token_blocks
+    from minitron.families import load_tokenizer
 
     settings = (scores.meta.get("settings", {}) if scores is not None else {}) or {}
     samples = int(settings.get("samples", calibration.samples))
     seq_len = int(settings.get("seq_len", calibration.seq_len))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load a tokenizer ({str(e).splitlines()[0]})",
-            where=str(src),
-            fix="--calib needs the teacher's tokenizer files beside its weights",
-        ) from None
+    tokenizer = load_tokenizer(
+        src, trust_remote_code=trust_remote_code, fix="--calib needs the teacher's tokenizer files beside its weights"
+    )
     blocks = token_blocks(
         tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed
     )
@@ -896,7 +892,8 @@ def run(
 
     from minitron import prune as pruning
     from minitron.artifacts import atomic_dir, check_output_dir
-    from minitron.importance import Scores, compute_scores
+    from minitron.families import load_config
+    from minitron.importance import Scores, compute_scores, resolve_dtype
     from minitron.plan import make_plan, summary
     from minitron.report_console import progress
 
@@ -930,7 +927,9 @@ def run(
         importance_blocks, heldout_blocks = _calibration_blocks(
             src, calibration, scores, ranking.heldout_samples, trust_remote_code
         )
-        teacher_model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=trust_remote_code)
+        # As `minitron importance` does: the checkpoint's half precision on a GPU, float32 on the CPU.
+        dtype = resolve_dtype("auto", load_config(src, trust_remote_code), device)
+        teacher_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
         teacher_model = teacher_model.to(device).eval()
         computed = None
         if scores is None:
