@@ -243,6 +243,35 @@ def distill(
         console.print(f"wrote [bold]{final}[/]")
 
 
+from minitron.quickstart import Settings as _Quickstart  # noqa: E402  (plain dataclass: no heavy imports)
+
+_QS = _Quickstart()
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("minitron-quickstart"),
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    steps: Annotated[int, typer.Option(help="Distillation steps.")] = _QS.steps,
+    batch: Annotated[int, typer.Option(help="Blocks of 256 tokens per distillation step.")] = _QS.batch,
+    samples: Annotated[int, typer.Option(help="Calibration blocks for importance.")] = _QS.samples,
+    eval_limit: Annotated[int, typer.Option(help="Documents per evaluation task (lm-eval --limit).")] = _QS.eval_limit,
+    tasks: Annotated[str, typer.Option(help="Evaluation tasks.")] = _QS.tasks,
+) -> None:
+    """The whole method on the bundled teacher: importance → prune to half by width → distill → eval → report."""
+    import os
+    import shlex
+
+    # lm-eval draws tqdm bars of its own; rich draws the quickstart's (tqdm reads this when imported).
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from minitron import quickstart as qs
+
+    qs.run(
+        out, overwrite=overwrite, steps=steps, batch=batch, samples=samples, eval_limit=eval_limit, tasks=tasks,
+        command=shlex.join(["minitron", *sys.argv[1:]]),
+    )  # fmt: skip
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2."""
     try:
