@@ -532,10 +532,11 @@ the tests can show the whole Minitron method (importance → prune → distill �
 the hub and without a GPU. It is a teaching model: it writes Wikipedia-flavoured English and nothing more.
 
 ```python
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from minitron.assets import teacher_path
 
-model = AutoModelForCausalLM.from_pretrained(teacher_path())
+model = AutoModelForCausalLM.from_pretrained(teacher_path(), dtype=torch.float32)  # bf16 on disk
 tokenizer = AutoTokenizer.from_pretrained(teacher_path())
 ```
 
@@ -552,7 +553,7 @@ tokenizer = AutoTokenizer.from_pretrained(teacher_path())
 | vocabulary | {config.vocab_size} byte-level BPE tokens (`tokenizers`, trained on the same text) |
 | embeddings | {"tied" if config.tie_word_embeddings else "untied (input embedding and LM head separate, as Llama-3.1-8B)"} |
 | context | {config.max_position_embeddings} tokens, RoPE θ = 10,000 |
-| weights | float32 safetensors |
+| weights | {s.get('weights_dtype', 'float32')} safetensors (the evaluation below scores exactly these, computed in float32) |
 
 Special tokens: `{EOS}` (id {config.eos_token_id}) is both BOS and EOS and separates the packed articles
 during training; `{PAD}` (id {config.pad_token_id}) is padding only. No token is added automatically.
