@@ -99,6 +99,8 @@ class Family:
             input is the concatenated per-head attention outputs (importance of heads).
         layer_norms: in-memory paths of the RMSNorms inside a decoder layer (importance of embedding
             channels, with the final ``model.norm``).
+        hidden_multiple_of_heads: the transformers config refuses a hidden size that is not a multiple of
+            the number of query heads, even with an explicit ``head_dim`` (``LlamaConfig`` in transformers 5).
     """
 
     model_type: str
@@ -109,6 +111,7 @@ class Family:
     multipliers: tuple[str, ...] = ()
     attn_out: str = "self_attn.o_proj"
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    hidden_multiple_of_heads: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -120,7 +123,7 @@ _GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attentio
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", _ATTENTION + _NORMS + _DENSE_MLP),
+        Family("llama", _ATTENTION + _NORMS + _DENSE_MLP, hidden_multiple_of_heads=True),
         Family("mistral", _ATTENTION + _NORMS + _DENSE_MLP),
         Family("qwen2", _QWEN2_ATTENTION + _NORMS + _DENSE_MLP),
         Family("granite", _ATTENTION + _NORMS + _DENSE_MLP, multipliers=_GRANITE_MULTIPLIERS),

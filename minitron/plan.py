@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from minitron.errors import UserError
-from minitron.families import Shape
+from minitron.families import FAMILIES, Shape
 
 PLAN_VERSION = 1
 
@@ -151,6 +151,15 @@ def check_student(teacher: Shape, student: Shape) -> None:
             f"heads per group, but each group has {per_group}",
             where="--heads/--kv-heads",
             fix=f"pass --heads at most {per_group * student.kv_heads} or keep more KV groups",
+        )
+    if FAMILIES[student.model_type].hidden_multiple_of_heads and student.hidden % student.heads:
+        step = student.heads
+        below, above = student.hidden // step * step, (student.hidden // step + 1) * step
+        raise UserError(
+            f"hidden size {student.hidden} is not a multiple of the {student.heads} query heads, which "
+            f"{student.model_type} checkpoints require",
+            where="--hidden-size",
+            fix=f"pass a multiple of {step}, e.g. {below} or {above}" if below else f"pass a multiple of {step}",
         )
     if teacher.experts and student.experts < student.top_k:
         raise UserError(

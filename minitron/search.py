@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from minitron.errors import UserError
-from minitron.families import Shape
+from minitron.families import FAMILIES, Shape
 from minitron.report_console import human
 
 AXES = ("width", "depth", "experts")
@@ -344,6 +344,13 @@ class _Counter:
         return g + layers * (b + ffn * n), ga + layers * (ba + ffn * na)
 
 
+def loadable_width(teacher: Shape):
+    """``(hidden, heads) -> bool``: whether the family's transformers config accepts that pair."""
+    if FAMILIES[teacher.model_type].hidden_multiple_of_heads:
+        return lambda hidden, heads: hidden % heads == 0
+    return lambda hidden, heads: True
+
+
 def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> list[Candidate]:
     """Every grid shape within the budget (one ffn per choice of the other dimensions), best first.
 
@@ -352,7 +359,10 @@ def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> 
     """
     found, nearest = [], None
     coarse = ["hidden", "heads", "experts"]
+    loadable = loadable_width(teacher)
     for hidden, heads, experts in itertools.product(*(space.values[d] for d in coarse)):
+        if not loadable(hidden, heads):
+            continue
         counter = _Counter(teacher.replace(hidden=hidden, heads=heads, experts=experts))
         for layers in space.values["layers"]:
             best = None

@@ -448,3 +448,28 @@ def test_one_candidate_from_saved_scores_needs_no_weights_loaded(tmp_path):
     assert record["chosen"]["score"] is None and record["chosen"]["hidden"] == request.candidates()[0].shape.hidden
     assert not (tmp_path / "a").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+
+
+# --- every candidate must be a checkpoint transformers accepts -------------------------------------------------
+
+
+def test_llama_candidates_keep_hidden_a_multiple_of_the_heads():
+    # The bundled teacher has 10 query heads and a hidden grid step of 16: hidden 224 or 208 would be on the
+    # grid, but transformers 5's LlamaConfig refuses a hidden size that is not a multiple of the heads.
+    from transformers import AutoConfig
+
+    from minitron.assets import teacher_path
+    from minitron.families import config_updates, read_config
+
+    raw = read_config(teacher_path())
+    teacher = Shape.from_config(raw)
+    found = Request.parse(teacher, target="0.5x", axes="width,depth").candidates()
+    assert found and all(c.shape.hidden % c.shape.heads == 0 for c in found)
+    for c in found:  # each one builds a real config: a pruned checkpoint of it loads
+        fields = {**raw, **config_updates(teacher, c.shape)}
+        fields.pop("model_type")
+        AutoConfig.for_model("llama", **fields)
+    with pytest.raises(UserError, match="multiple of the 10 query heads"):
+        from minitron.plan import student_shape
+
+        student_shape(teacher, hidden=224)
