@@ -64,7 +64,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
-    for name in ("minitron", "torch", "transformers", "accelerate", "datasets", "lm_eval", "nvidia-modelopt"):
+    for name in ("minitron", "torch", "transformers", "accelerate", "datasets", "lm_eval"):
         with contextlib.suppress(md.PackageNotFoundError):
             found[name] = md.version(name)
     return found
