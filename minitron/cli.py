@@ -183,6 +183,7 @@ def eval_(
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not saved beside the checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     verbose: Annotated[bool, typer.Option(help="Keep lm-eval's and datasets' own log output.")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Row label in `minitron report` (default: the folder's name).")] = None,
     trust_remote_code: bool = False,
 ) -> None:
     """Evaluate MODEL with lm-eval (MMLU 5-shot, HellaSwag, GSM8K 5-shot, WikiText) into one results JSON."""
@@ -191,7 +192,7 @@ def eval_(
     results = evaluate(
         model, out, tasks=tasks, limit=limit, batch_size=batch_size, data_dir=data_dir,
         hellaswag_shots=hellaswag_shots, device=device, dtype=dtype, tokenizer=tokenizer,
-        trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose,
+        trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose, name=name,
     )  # fmt: skip
     console.print(summary_table(results["minitron"]))
     console.print(f"wrote [bold]{out}[/]")

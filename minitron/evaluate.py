@@ -455,8 +455,11 @@ def evaluate(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint and write ``out`` (lm-eval's results JSON + a ``minitron`` section)."""
+    """Evaluate a checkpoint and write ``out`` (lm-eval's results JSON + a ``minitron`` section).
+
+    ``name`` labels the model's row in ``minitron report`` (default: the checkpoint folder's name)."""
     from minitron import eval_data
     from minitron.artifacts import atomic_file, check_output_dir, versions
     from minitron.families import Shape, has_weights, is_local, load_config
@@ -489,7 +492,7 @@ def evaluate(
         "tool": TOOL,
         "model": {
             "path": str(Path(model).resolve()) if is_local(model) else str(model),
-            "name": Path(str(model).rstrip("/")).name,
+            "name": name or Path(str(model).rstrip("/")).name,
             "family": shape.model_type,
             "shape": shape.to_dict(),
             "params": shape.counts(),

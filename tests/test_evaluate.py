@@ -274,7 +274,8 @@ def test_wikitext_pages_cut_at_article_titles(tmp_path):
 
 def test_eval_cli_all_tasks_on_committed_samples(checkpoint, tmp_path):
     out = tmp_path / "results.json"
-    result = run("eval", checkpoint, "-o", out, "--data-dir", SAMPLES, "--limit", 2, "--batch-size", 4)
+    result = run("eval", checkpoint, "-o", out, "--data-dir", SAMPLES, "--limit", 2, "--batch-size", 4,
+                 "--name", "tiny-student")  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     # lm-eval's own results JSON is kept whole...
@@ -292,6 +293,7 @@ def test_eval_cli_all_tasks_on_committed_samples(checkpoint, tmp_path):
     assert results["mmlu"]["acc,none"] == pytest.approx(sum(results[s]["acc,none"] for s in subjects) / 3)
     section = data["minitron"]
     assert section["format_version"] == 1 and section["tool"] == "minitron"
+    assert section["model"]["name"] == "tiny-student"  # the leaderboard's row label, not the folder's name
     assert section["model"]["params"]["total"] == sum(p.numel() for p in tiny_model("llama", vocab_size=259).parameters())
     assert section["lineage"]["pruned_from"] == "/models/tiny-teacher"
     assert section["lineage"]["teacher"] == "/models/tiny-teacher-corrected"  # distilled from wins
