@@ -272,6 +272,19 @@ def test_wikitext_pages_cut_at_article_titles(tmp_path):
 # --- a tiny model through real lm-eval -----------------------------------------------------------------------
 
 
+def test_gsm8k_fits_a_model_whose_context_is_shorter_than_lm_evals_generation_budget():
+    # lm-eval generates up to 256 tokens and keeps max_length - 256 prompt tokens: a 256-token model (the
+    # bundled teacher's context) would fail its assertion. Such a model generates at most half its context.
+    from minitron.evaluate import evaluate_model
+
+    tok = byte_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256, **ids).eval()
+    results, settings = evaluate_model(model, tok, tasks=["gsm8k"], limit=1, batch_size=1, data_dir=SAMPLES)
+    assert settings["max_length"] == 256 and settings["max_gen_toks"] == 128
+    assert 0.0 <= results["results"]["gsm8k"]["exact_match,strict-match"] <= 1.0
+
+
 def test_eval_cli_all_tasks_on_committed_samples(checkpoint, tmp_path):
     out = tmp_path / "results.json"
     result = run("eval", checkpoint, "-o", out, "--data-dir", SAMPLES, "--limit", 2, "--batch-size", 4,
