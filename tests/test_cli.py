@@ -1,28 +1,15 @@
 """The CLI contract: user errors are one line on stderr, exit code 2, no traceback."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import assert_user_error, minitron
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
 
 
-def run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "minitron.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
-
-
-def assert_user_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0]
+run = minitron
 
 
 def test_inspect_json_granite_moe():

@@ -2,13 +2,11 @@
 and the CLI's user errors. Every family, tiny random models, CPU."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from tiny import FAMILY_NAMES, save_tiny, tiny_model, tiny_tokenizer
+from clirun import assert_user_error, minitron
+from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from minitron.errors import UserError
 from minitron.families import Shape
@@ -293,17 +291,7 @@ def test_load_refuses_a_corrupt_file(moe_scores, tmp_path, damage):
 
 
 def cli(*args):
-    # One thread: the test machines are shared, and oversubscribed OpenMP threads slow tiny models 100×.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, "-m", "minitron.cli", "importance", *map(str, args)], capture_output=True, text=True, env=env)
-
-
-def assert_user_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    return minitron("importance", *args)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import minitron
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_plan import random_scores
@@ -374,8 +375,7 @@ def test_streamed_peak_memory_is_far_below_the_checkpoint(tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "minitron.cli", "prune", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return minitron("prune", *args, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,11 @@
 """Recipes: every shipped one validates; a bad one fails before any training with one line and exit 2."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from clirun import assert_user_error, minitron
 from tiny import save_tiny, tiny_tokenizer
 
 from minitron.errors import UserError
@@ -25,18 +24,7 @@ def save_checkpoint(path, model_type="llama", seed=0, tokenizer_vocab=128, **ove
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "minitron.cli", "distill", *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
-
-
-def assert_user_error(result, *needles):
-    assert result.returncode == 2, result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    return minitron("distill", *args, cwd=cwd)
 
 
 # --- the shipped recipes --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from clirun import assert_user_error, minitron
 from tiny import tiny_config
 
 from minitron.errors import UserError
@@ -357,20 +358,8 @@ def test_search_run_writes_the_best_candidate(family_name, tmp_path):
 
 # --- the CLI: `minitron prune --target` ----------------------------------------------------------------------
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "minitron.cli", *map(str, args)], capture_output=True, text=True)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+cli = minitron
 
 
 def test_cli_dry_run_json_lists_the_published_llama_shapes(tmp_path):
@@ -413,7 +402,7 @@ def test_cli_dry_run_active_target_on_granite_moe():
 def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, args, needles):
     out = tmp_path / "student"
     result = cli("prune", SHARED / "llama-3.1-8b", "-o", out, *args)
-    assert_one_line_error(result, *needles)
+    assert_user_error(result, *needles)
     assert not list(tmp_path.iterdir())
 
 
@@ -431,7 +420,7 @@ def test_cli_search_end_to_end(tmp_path):
     assert json.loads((out / "plan.json").read_text())["student"]["hidden"] == info["search"]["chosen"]["hidden"]
     assert "--target 0.6x" in (out / "README.md").read_text()  # the command is in the model card
     again = cli(*args)  # the output exists: refused before any work, nothing changed
-    assert_one_line_error(again, "already exists")
+    assert_user_error(again, "already exists")
 
 
 def test_one_candidate_from_saved_scores_needs_no_weights_loaded(tmp_path):
