@@ -187,13 +187,15 @@ def _resolve_dtype(dtype: str, device: str):
 def cpu_batch_size(max_length: int, vocab: int) -> int:
     """``--batch-size auto`` on CPU: lm-eval's probe halves the batch on CUDA out-of-memory errors, which a
     CPU never raises (the process is killed instead), and its 64 × max-length trial passes are slow there.
-    Take the largest batch, up to 16, whose float32 logits fit in an eighth of the free memory (batches
-    beyond 16 gained nothing on CPU in benchmarks/eval_overhead.py)."""
+    Take the largest batch, up to 8, whose float32 logits fit in an eighth of the free memory. Beyond 8 a CPU
+    gains no arithmetic efficiency (a batch of prompts is already thousands of rows) and pads more: on the
+    2-core build machine a 3M-parameter Llama ran the four tasks (``--limit 8``) in 25.5 / 25.9 / 27.6 /
+    27.0 s of evaluation at batch 4 / 8 / 16 / 2 (see benchmarks/eval_overhead.py)."""
     import os
 
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     per_sequence = max_length * vocab * 4 * 3  # logits, their log-softmax, and a gathered copy
-    return max(1, min(16, free // 8 // per_sequence))
+    return max(1, min(8, free // 8 // per_sequence))
 
 
 def load_model(model: str | Path, *, device: str, dtype: str, tokenizer: str | None, trust_remote_code: bool):

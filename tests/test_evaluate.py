@@ -6,14 +6,13 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import lm_eval.tasks
 import pytest
 import torch
+from clirun import assert_user_error, minitron
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
@@ -97,19 +96,7 @@ tags:
 """
 
 
-def run(*args):
-    # One intra-op thread, as in conftest: the CI machine has two cores shared by two test processes.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "minitron.cli", *map(str, args)], capture_output=True, text=True, env=env)
-
-
-def assert_user_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+run = minitron
 
 
 # --- local tasks == hub tasks --------------------------------------------------------------------------------
@@ -270,6 +257,15 @@ def test_wikitext_pages_cut_at_article_titles(tmp_path):
 
 
 # --- a tiny model through real lm-eval -----------------------------------------------------------------------
+
+
+def test_cpu_auto_batch_is_at_most_8_and_its_logits_fit_an_eighth_of_free_memory():
+    from minitron.evaluate import cpu_batch_size
+
+    assert cpu_batch_size(256, 4096) == 8  # the bundled teacher: 8 x 256 x 4096 float32 logits are tiny
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    batch = cpu_batch_size(2048, 128_256)  # Llama-3.1's vocabulary at 2,048 tokens: 3 GB of logits per row
+    assert 1 <= batch <= 8 and (batch == 1 or batch * 2048 * 128_256 * 4 * 3 <= free / 8)
 
 
 def test_gsm8k_fits_a_model_whose_context_is_shorter_than_lm_evals_generation_budget():
