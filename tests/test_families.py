@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import FAMILY_NAMES, tiny_model
 
 from minitron.errors import UserError

@@ -6,7 +6,6 @@ The checks read what the notebooks wrote (artifacts and printed lines), not pinn
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
