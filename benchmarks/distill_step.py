@@ -33,12 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import machine  # benchmarks/machine.py: this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -222,19 +223,13 @@ def main() -> None:
     _write(args, rows)
 
 
-def _machine(device: str) -> str:
+def _write(args, rows) -> None:
     import torch
 
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
-
-
-def _write(args, rows) -> None:
     RESULTS.mkdir(exist_ok=True)
     name = f"distill_step_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     setup = {k: v for k, v in vars(args).items() if k not in ("worker", "variants")}
-    record = {"machine": _machine(args.device), "setup": setup, "results": rows}
+    record = {"machine": f"{machine.describe(args.device)}, torch {torch.__version__}", "setup": setup, "results": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"# Distillation step: {args.teacher} teacher → {args.student} student (hidden,ffn,layers,heads,kv)",

@@ -39,13 +39,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine  # benchmarks/machine.py: this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -156,16 +157,6 @@ def compare(ours: dict[str, float], theirs: dict[str, float]) -> dict:
     return {"common_metrics": len(common), "max_relative_diff": max(diffs, default=float("nan"))}
 
 
-def machine(device: str) -> str:
-    import torch
-
-    if device != "cpu":
-        return torch.cuda.get_device_name(0)
-    with open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2**20
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {ram:.0f} GB RAM, no GPU"
-
-
 def main() -> None:
     from minitron.assets import eval_data_dir
     from minitron.eval_data import mmlu_subjects
@@ -236,7 +227,7 @@ def main() -> None:
     auto = next((r for r in rows if r["batch_size"] == "auto"), None)
     fixed = [r for r in rows if r["batch_size"] != "auto"]
     record = {
-        "machine": machine(args.device), "note": args.note, "load_average_before": load_before,
+        "machine": machine.describe(args.device), "note": args.note, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "torch": torch.__version__, "lm_eval": lm_eval.__version__,
         "threads": args.threads, "model": model_text, "data_dir": str(args.data_dir),
         "mmlu_subjects": subjects, "tasks": args.tasks, "limit": args.limit, "repeats": args.repeats, "rows": rows,

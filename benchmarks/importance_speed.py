@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import machine  # benchmarks/machine.py: this folder is on sys.path when run as a script
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -165,14 +166,6 @@ def forwarded(args) -> list[str]:
 FORWARDED = ("threads", "samples", "seq_len", "batch_size", "device")
 
 
-def machine(args) -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    with open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2**20
-    cpu = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {ram:.0f} GB RAM"
-    return f"{cpu}, {gpu}, torch threads {args.threads}" + (f"; {args.note}" if args.note else "")
-
-
 def markdown(result: dict) -> str:
     s, m = result["speed"], result["memory"]
     med = s["median_seconds"]
@@ -233,7 +226,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.checkpoint, args)))
         return
     result = {
-        "machine": machine(args),
+        "machine": f"{machine.describe(args.device)}, torch threads {args.threads}" + (f"; {args.note}" if args.note else ""),
         "load_average": os.getloadavg(),
         "command": " ".join(["python", "benchmarks/importance_speed.py", *sys.argv[1:]]),
         "args": vars(args) | {"child": None, "checkpoint": None},

@@ -49,6 +49,8 @@ import sys
 import time
 from pathlib import Path
 
+import machine  # benchmarks/machine.py: this folder is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_MEMORY, GOAL_SPEED = 0.15, 0.9
 
@@ -341,12 +343,9 @@ def summarise(args, runs: list[dict], timing: dict, skipped: dict[str, str], loa
             if f"{kind}_s" in row:
                 row[f"speed_vs_naive_{kind}"] = speed["naive"][f"{kind}_s"] / row[f"{kind}_s"]
 
-    machine = (f"{os.cpu_count()}-core CPU, {_ram_gb():.0f} GB RAM, no GPU" if args.device == "cpu"
-               else torch.cuda.get_device_name(0))  # fmt: skip
     return {
-        "machine": machine,
+        "machine": machine.describe(args.device),
         "note": args.note,
-        "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": args.threads,
         "load_average_before": load_before,
@@ -382,22 +381,6 @@ def summarise(args, runs: list[dict], timing: dict, skipped: dict[str, str], loa
     }
 
 
-def _ram_gb() -> float:
-    with open("/proc/meminfo") as f:
-        return int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2**20
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def markdown(r: dict) -> str:
     s = r["settings"]
     gib = 1024**3
@@ -411,7 +394,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# KD loss: chunked fused-head forward KL vs naive and the libraries",
         "",
-        f"Machine: **{r['machine']}** ({r['cpu']}, {r['threads']} threads, torch {r['torch']})"
+        f"Machine: **{r['machine']}** ({r['threads']} threads, torch {r['torch']})"
         + (f"; {r['note']}" if r["note"] else "")
         + f". Load average {r['load_average_before'][0]:.1f} before, {r['load_average_after'][0]:.1f} after.",
         "",

@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine  # benchmarks/machine.py: this folder is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 GOAL_RSS, GOAL_TIME = 1.5, 1.5
@@ -258,17 +260,6 @@ def check_pruned(teacher: Path, student: Path, plan) -> list[str]:
 # --- the driver ----------------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    with open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2**20
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.machine()
-    return f"{os.cpu_count()}-core CPU ({cpu}), {ram:.0f} GB RAM, no GPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new one in $TMPDIR)")
@@ -341,7 +332,7 @@ def measure(args, work: Path) -> dict:
     peak = {v: max(r["peak_rss_bytes"] for r in runs if r["variant"] == v) for v in order}
     peak_work = {v: max(r["peak_minus_before_bytes"] for r in runs if r["variant"] == v) for v in order}
     return {
-        "machine": machine(),
+        "machine": machine.describe("cpu"),
         "note": args.note,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
