@@ -113,6 +113,10 @@ class Family:
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     hidden_multiple_of_heads: bool = False
 
+    def loads_width(self, hidden: int, heads: int) -> bool:
+        """Whether this family's transformers config accepts ``hidden`` channels with ``heads`` query heads."""
+        return not self.hidden_multiple_of_heads or hidden % heads == 0
+
     @property
     def is_moe(self) -> bool:
         return self.moe is not None

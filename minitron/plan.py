@@ -152,7 +152,7 @@ def check_student(teacher: Shape, student: Shape) -> None:
             where="--heads/--kv-heads",
             fix=f"pass --heads at most {per_group * student.kv_heads} or keep more KV groups",
         )
-    if FAMILIES[student.model_type].hidden_multiple_of_heads and student.hidden % student.heads:
+    if not FAMILIES[student.model_type].loads_width(student.hidden, student.heads):
         step = student.heads
         below, above = student.hidden // step * step, (student.hidden // step + 1) * step
         raise UserError(

@@ -344,13 +344,6 @@ class _Counter:
         return g + layers * (b + ffn * n), ga + layers * (ba + ffn * na)
 
 
-def loadable_width(teacher: Shape):
-    """``(hidden, heads) -> bool``: whether the family's transformers config accepts that pair."""
-    if FAMILIES[teacher.model_type].hidden_multiple_of_heads:
-        return lambda hidden, heads: hidden % heads == 0
-    return lambda hidden, heads: True
-
-
 def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> list[Candidate]:
     """Every grid shape within the budget (one ffn per choice of the other dimensions), best first.
 
@@ -359,9 +352,9 @@ def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> 
     """
     found, nearest = [], None
     coarse = ["hidden", "heads", "experts"]
-    loadable = loadable_width(teacher)
+    family = FAMILIES[teacher.model_type]
     for hidden, heads, experts in itertools.product(*(space.values[d] for d in coarse)):
-        if not loadable(hidden, heads):
+        if not family.loads_width(hidden, heads):
             continue
         counter = _Counter(teacher.replace(hidden=hidden, heads=heads, experts=experts))
         for layers in space.values["layers"]:
