@@ -131,6 +131,7 @@ def prune(
     dropped = parse_layers(drop_layers, teacher.layers) if drop_layers else None
     if target is not None or active_target is not None:
         from minitron import search
+        from minitron.report_console import search_tables
 
         search.refuse_explicit({
             "--hidden-size": hidden_size, "--ffn-size": ffn_size, "--heads": heads, "--kv-heads": kv_heads,
@@ -146,7 +147,7 @@ def prune(
         )  # fmt: skip
         if as_json:
             return print_json(info)
-        for renderable in search.render(info, teacher):
+        for renderable in search_tables(info, teacher):
             console.print(renderable)
         if "out" in info:
             console.print(f"wrote [bold]{info['out']}[/] (plan.json, search.json beside the weights)")

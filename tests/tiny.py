@@ -98,3 +98,8 @@ def tiny_tokenizer(vocab_size: int = 128):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>", "<bos>"], show_progress=False)
     tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+
+
+def tiny_ids(n: int = 4, seq: int = 16, seed: int = 1, vocab_size: int = 128):
+    """``[n, seq]`` seeded random token ids within the tiny models' vocabulary."""
+    return torch.randint(0, vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))

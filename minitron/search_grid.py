@@ -1,0 +1,480 @@
+"""Candidate student shapes for a parameter budget: shape arithmetic only, no weights.
+
+From the ``minitron prune --target`` flags (:class:`Request`) to every shape on a hardware-friendly grid whose
+parameter count lies within ``--tolerance`` of the target (:func:`enumerate_candidates`), best-first, or a
+one-line reason why none is. This is all ``--dry-run`` needs, so it runs on a folder holding nothing but
+``config.json``.
+
+Axes (``--axes``) and the dimensions they let shrink:
+
+========== ==================================================================================
+``width``  ``hidden`` (embedding channels) and ``ffn`` (MLP neurons; per expert for MoE); query
+           ``heads`` only with ``--prune-heads``, uniformly within each GQA group, so every KV
+           head keeps the same number of query heads and ``kv_heads`` / ``head_dim`` stay.
+``depth``  ``layers``
+``experts`` MoE only: the expert count (never below top-k) and each expert's ``ffn``.
+========== ==================================================================================
+
+Grid steps. Matrix dimensions are kept at multiples of a power of two so that the pruned GEMMs stay
+tensor-core friendly: up to 128 for ``hidden`` and 256 for ``ffn``, halved until the dimension spans at
+least 16 steps (``_MIN_STEPS``), so Llama-3.1-8B searches hidden in 128s and ffn in 256s, Granite-1B
+(hidden 1024, expert ffn 512) in 64s and 32s, and the 64-wide test models in 4s. Layers move by one,
+query heads by one per GQA group, experts by the largest power of two that leaves 16 steps (2 for 32 or 40
+experts). MoE widths never step below 8 (transformers' grouped-GEMM expert kernels need 16-byte-aligned
+rows). The teacher's own size is always on the grid even where it is not such a multiple.
+
+Shrink limits (``--limit dim=fraction``: the largest fraction of a dimension one prune may remove). All
+default to 0.5. The published guidance is to prune width moderately per step (ModelOpt's Minitron searcher
+defaults to ≤ 40 % per width dimension and ≤ 20 % of layers), but the published Minitron students go
+further: Minitron-4B (from Nemotron-8B) halves the attention heads and cuts the MLP by 44 %, and
+Llama-3.1-Minitron-4B-Depth removes 16 of 32 layers. A 40 %/20 % default would exclude shapes the papers
+ship, so 50 % is the default everywhere, and tighter limits are one flag away.
+
+Ordering. Candidates come out in the order they are worth evaluating: more layers first (the papers found
+width pruning beats depth pruning at these sizes), then more query heads (keeping heads was best for
+Llama-3.1), then the most evenly spread cut (the smallest largest-fraction removed from hidden, ffn and
+experts: the published shapes trim every width dimension moderately rather than one to its limit), then
+closeness to the target. For each choice of the other dimensions only the ffn closest to the target is
+kept: ffn is the finest knob, and its neighbours within tolerance differ by well under 1 % of the
+parameters, so listing them would only crowd the ``--top-k-candidates`` evaluated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from minitron.errors import UserError
+from minitron.families import FAMILIES, Shape
+from minitron.report_console import budget_text, human
+
+AXES = ("width", "depth", "experts")
+DIMS = ("hidden", "ffn", "heads", "layers", "experts")
+DEFAULT_LIMIT = 0.5
+DEFAULT_TOLERANCE = 0.02
+_MIN_STEPS = 16
+_STEP_CAP = {"hidden": 128, "ffn": 256, "experts": 8}
+_MOE_MIN_STEP = 8
+
+
+# --- parsing the flags ---------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?|\.\d+)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_FRACTION = re.compile(r"^\s*(\d*\.?\d+)\s*x\s*$", re.IGNORECASE)
+
+
+def parse_count(text: str, teacher_count: int, flag: str = "--target") -> int:
+    """``4B``, ``4.5B``, ``800M``, ``1.2e9`` → a parameter count; ``0.5x`` → that fraction of the teacher's.
+
+    Refuses a fraction ≥ 1 and a count ≥ the teacher's: those are not prunes.
+    """
+    text = str(text)
+    fraction = _FRACTION.match(text)
+    if fraction:
+        value = float(fraction.group(1))
+        if not 0 < value < 1:
+            raise UserError(
+                f"a fraction of the teacher must be between 0 and 1, got {text!r}",
+                where=flag,
+                fix="pass e.g. 0.5x for half the teacher's parameters",
+            )
+        return round(value * teacher_count)
+    match = _COUNT.match(text)
+    if not match:
+        raise UserError(
+            f"cannot read {text!r} as a parameter count", where=flag, fix="pass e.g. 4B, 4.5B, 800M, 1.2e9 or 0.5x"
+        )
+    count = round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if count <= 0:
+        raise UserError(f"a parameter count must be positive, got {text!r}", where=flag)
+    if count >= teacher_count:
+        raise UserError(
+            f"{text} ({count:,}) is not smaller than the teacher's {teacher_count:,}",
+            where=flag,
+            fix=f"pass a count below {human(teacher_count)}, or a fraction like 0.5x",
+        )
+    return count
+
+
+def parse_tolerance(text: str | float) -> float:
+    """``2%`` or ``0.02`` → 0.02."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise UserError(
+            f"cannot read {raw!r} as a tolerance", where="--tolerance", fix="pass e.g. 2% or 0.02"
+        ) from None
+    if not 0 < value < 0.5:
+        raise UserError(f"tolerance must lie between 0 and 50%, got {raw!r}", where="--tolerance", fix="pass e.g. 2%")
+    return value
+
+
+def parse_limits(items: Iterable[str] = ()) -> dict[str, float]:
+    """``["ffn=0.4", "layers=0.25"]`` → the shrink limit of every dimension (defaults filled in)."""
+    limits = dict.fromkeys(DIMS, DEFAULT_LIMIT)
+    for item in items:
+        dim, sep, value = item.partition("=")
+        dim = dim.strip()
+        if not sep or dim not in limits:
+            raise UserError(
+                f"cannot read {item!r}", where="--limit", fix=f"pass dim=fraction with dim one of {', '.join(DIMS)}"
+            )
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not 0 <= fraction < 1:
+            raise UserError(
+                f"the largest fraction of {dim} to remove must be in [0, 1), got {value!r}",
+                where="--limit",
+                fix=f"pass e.g. {dim}=0.5",
+            )
+        limits[dim] = fraction
+    return limits
+
+
+def parse_axes(text: str | Sequence[str], teacher: Shape, prune_heads: bool = False) -> frozenset[str]:
+    """``"width,depth"`` → the dimensions that may shrink, e.g. ``{"hidden", "ffn", "layers"}``."""
+    names = [n.strip() for part in ([text] if isinstance(text, str) else text) for n in part.split(",") if n.strip()]
+    unknown = [n for n in names if n not in AXES]
+    if unknown or not names:
+        raise UserError(
+            f"unknown axis {', '.join(map(repr, unknown)) or '(none)'}",
+            where="--axes",
+            fix=f"choose from {', '.join(AXES)}",
+        )
+    if "experts" in names and not teacher.experts:
+        raise UserError(
+            f"{teacher.model_type} has no experts", where="--axes experts", fix="use --axes width and/or depth"
+        )
+    if prune_heads and "width" not in names:
+        raise UserError("--prune-heads prunes width", where="--prune-heads", fix="add --axes width")
+    dims = set()
+    if "width" in names:
+        dims |= {"hidden", "ffn"} | ({"heads"} if prune_heads else set())
+    if "depth" in names:
+        dims.add("layers")
+    if "experts" in names:
+        dims |= {"experts", "ffn"}
+    return frozenset(dims)
+
+
+# --- the budget ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the student must weigh: total and/or active parameters per token, each within ``tolerance``."""
+
+    total: int | None
+    active: int | None
+    tolerance: float = DEFAULT_TOLERANCE
+
+    @classmethod
+    def parse(
+        cls, teacher: Shape, target: str | None, active_target: str | None = None, tolerance: str | float = "2%"
+    ) -> "Budget":
+        if target is None and active_target is None:
+            raise UserError("no parameter budget", where="--target", fix="pass --target 4B (or 0.5x)")
+        counts = teacher.counts()
+        if active_target is not None and not teacher.experts:
+            raise UserError(
+                f"{teacher.model_type} is dense: every parameter is active",
+                where="--active-target",
+                fix="use --target for dense models",
+            )
+        return cls(
+            total=None if target is None else parse_count(target, counts["total"], "--target"),
+            active=None if active_target is None else parse_count(active_target, counts["active"], "--active-target"),
+            tolerance=parse_tolerance(tolerance),
+        )
+
+    def deviation(self, total: int, active: int) -> float:
+        """The largest relative distance from a target; within budget iff ≤ ``tolerance``."""
+        off = [abs(total - self.total) / self.total] if self.total else []
+        off += [abs(active - self.active) / self.active] if self.active else []
+        return max(off)
+
+    def describe(self) -> str:
+        return budget_text(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "active": self.active, "tolerance": self.tolerance}
+
+
+# --- the grid ------------------------------------------------------------------------------------------------
+
+
+def grid_step(dim: str, size: int, moe: bool = False) -> int:
+    """Hardware-friendly step of a dimension: a power of two ≤ the cap, small enough for ``_MIN_STEPS`` steps.
+
+    MoE widths never go below 8: transformers' grouped-GEMM expert kernels need rows aligned to 16 bytes,
+    i.e. hidden and expert ffn multiples of 8 in bf16.
+    """
+    if dim in ("layers", "heads"):
+        return 1
+    floor = _MOE_MIN_STEP if moe and dim in ("hidden", "ffn") else 1
+    step = _STEP_CAP[dim]
+    while step > floor and size // step < _MIN_STEPS:
+        step //= 2
+    return step
+
+
+def _grid(dim: str, teacher: Shape, limit: float) -> list[int]:
+    """Values a dimension may take, largest (the teacher's) first."""
+    if dim == "heads":
+        # Query heads shrink uniformly inside GQA groups: each KV head keeps `per_group` query heads.
+        group = teacher.heads // teacher.kv_heads
+        lowest = max(1, math.ceil(group * (1 - limit)))
+        return [teacher.kv_heads * g for g in range(group, lowest - 1, -1)]
+    size = getattr(teacher, dim)
+    step = grid_step(dim, size, bool(teacher.experts))
+    lowest = max(step, math.ceil(size * (1 - limit)))
+    if dim == "experts":
+        lowest = max(lowest, teacher.top_k)  # a token must still find top-k experts
+    return [size] + [v for v in range(size - size % step, lowest - 1, -step) if v != size]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The grid: for every dimension the values it may take (one value, the teacher's, if it is not searched)."""
+
+    teacher: Shape
+    dims: frozenset[str]
+    limits: dict[str, float]
+    values: dict[str, list[int]]
+
+    @classmethod
+    def build(cls, teacher: Shape, dims: frozenset[str], limits: dict[str, float] | None = None) -> "SearchSpace":
+        limits = {**dict.fromkeys(DIMS, DEFAULT_LIMIT), **(limits or {})}
+        values = {d: _grid(d, teacher, limits[d]) if d in dims else [getattr(teacher, d)] for d in DIMS}
+        return cls(teacher, dims, limits, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            d: {
+                "step": grid_step(d, getattr(self.teacher, d), bool(self.teacher.experts))
+                if d != "heads"
+                else self.teacher.kv_heads,
+                "max_shrink": self.limits[d],
+                "min": min(self.values[d]),
+                "max": max(self.values[d]),
+                "choices": len(self.values[d]),
+            }
+            for d in DIMS
+            if d in self.dims
+        }
+
+
+# --- enumeration ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One student shape on the grid, with its exact parameter counts."""
+
+    shape: Shape
+    total: int
+    active: int
+    deviation: float
+
+    def shrink(self, teacher: Shape) -> float:
+        """The largest fraction removed from any width dimension (hidden, ffn, experts)."""
+        dims = ["hidden", "ffn"] + (["experts"] if teacher.experts else [])
+        return max(1 - getattr(self.shape, d) / getattr(teacher, d) for d in dims)
+
+    def order_key(self, teacher: Shape) -> tuple:
+        s = self.shape
+        return (-s.layers, -s.heads, round(self.shrink(teacher), 6), self.deviation, -s.hidden, -s.experts, -s.ffn)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.shape
+        return {
+            "hidden": s.hidden,
+            "ffn": s.ffn,
+            "layers": s.layers,
+            "heads": s.heads,
+            "kv_heads": s.kv_heads,
+            "head_dim": s.head_dim,
+            "experts": s.experts,
+            "top_k": s.top_k,
+            "params": self.total,
+            "active_params": self.active,
+            "deviation": round(self.deviation, 6),
+        }
+
+
+class _Counter:
+    """Exact counts of many shapes that differ only in ``layers`` and ``ffn``, by one bilinear formula.
+
+    Every tensor has at most one ffn axis and decoder layers repeat, so for fixed hidden / heads / experts
+    ``count = globals + layers × (base + ffn × per_neuron)``, for the total and the active count alike. Three
+    :meth:`Shape.counts` calls per coarse shape replace one per grid point (the grid can hold ~10⁵ points).
+    """
+
+    def __init__(self, shape: Shape):
+        c00 = shape.replace(layers=0, ffn=0).counts()
+        c10 = shape.replace(layers=1, ffn=0).counts()
+        c11 = shape.replace(layers=1, ffn=1).counts()
+        self.coef = {
+            k: (c00[k], c10[k] - c00[k], c11[k] - c10[k]) for k in ("total", "active")
+        }
+
+    def __call__(self, layers: int, ffn: int) -> tuple[int, int]:
+        (g, b, n), (ga, ba, na) = self.coef["total"], self.coef["active"]
+        return g + layers * (b + ffn * n), ga + layers * (ba + ffn * na)
+
+
+def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> list[Candidate]:
+    """Every grid shape within the budget (one ffn per choice of the other dimensions), best first.
+
+    Raises :class:`UserError` when none is: saying which limit blocks the target and what to relax, or how far
+    the nearest grid shape is when the grid is too coarse for the tolerance.
+    """
+    found, nearest = [], None
+    coarse = ["hidden", "heads", "experts"]
+    family = FAMILIES[teacher.model_type]
+    for hidden, heads, experts in itertools.product(*(space.values[d] for d in coarse)):
+        if not family.loads_width(hidden, heads):
+            continue
+        counter = _Counter(teacher.replace(hidden=hidden, heads=heads, experts=experts))
+        for layers in space.values["layers"]:
+            best = None
+            for ffn in space.values["ffn"]:
+                total, active = counter(layers, ffn)
+                dev = budget.deviation(total, active)
+                identity = (hidden, heads, experts, layers, ffn) == (
+                    teacher.hidden, teacher.heads, teacher.experts, teacher.layers, teacher.ffn
+                )
+                if identity:
+                    continue
+                if nearest is None or dev < nearest[0]:
+                    nearest = (dev, total, active)
+                if dev <= budget.tolerance and (best is None or dev < best[0]):
+                    best = (dev, ffn)
+            if best is not None:
+                shape = teacher.replace(hidden=hidden, heads=heads, experts=experts, layers=layers, ffn=best[1])
+                # The listed numbers come from the one counting rule, not from the shortcut.
+                total, active = shape.counts()["total"], shape.counts()["active"]
+                found.append(Candidate(shape, total, active, budget.deviation(total, active)))
+    if not found:
+        raise _unreachable(teacher, budget, space, nearest)
+    return sorted(found, key=lambda c: c.order_key(teacher))
+
+
+# --- explaining an unreachable target ------------------------------------------------------------------------
+
+
+def _smallest(teacher: Shape, space: SearchSpace) -> tuple[Shape, dict[str, int]]:
+    shape = teacher.replace(**{d: min(space.values[d]) for d in DIMS})
+    return shape, shape.counts()
+
+
+def _too_big(budget: Budget, counts: dict[str, int]) -> bool:
+    return bool(
+        (budget.total and counts["total"] > budget.total * (1 + budget.tolerance))
+        or (budget.active and counts["active"] > budget.active * (1 + budget.tolerance))
+    )
+
+
+def _unreachable(teacher: Shape, budget: Budget, space: SearchSpace, nearest) -> UserError:
+    smallest, counts = _smallest(teacher, space)
+    if _too_big(budget, counts):
+        floor = ", ".join(f"{d} ≥ {getattr(smallest, d)}" for d in DIMS if d in space.dims)
+        fixes = []
+        for dim in sorted(space.dims):
+            # The least relaxation of this one limit that brings the smallest shape under the budget.
+            for limit in (x / 100 for x in range(int(space.limits[dim] * 100) + 5, 100, 5)):
+                trial = SearchSpace.build(teacher, space.dims, {**space.limits, dim: limit})
+                if not _too_big(budget, _smallest(teacher, trial)[1]):
+                    fixes.append(f"--limit {dim}={limit:.2f}")
+                    break
+        for axis, dims in (("width", {"hidden", "ffn"}), ("depth", {"layers"}), ("experts", {"experts", "ffn"})):
+            if dims <= space.dims or (axis == "experts" and not teacher.experts):
+                continue
+            trial = SearchSpace.build(teacher, space.dims | dims, space.limits)
+            if not _too_big(budget, _smallest(teacher, trial)[1]):
+                fixes.append(f"add --axes {axis}")
+        blocking = ", ".join(f"{d} {space.limits[d]:.0%}" for d in DIMS if d in space.dims)
+        active = f", {human(counts['active'])} active" if teacher.experts else ""
+        return UserError(
+            f"target {budget.describe()} is below the smallest shape the shrink limits allow "
+            f"({human(counts['total'])} params{active}, with {floor}; limits: at most {blocking} removed)",
+            where="--target" if budget.total and counts["total"] > budget.total * (1 + budget.tolerance)
+            else "--active-target",
+            fix=("relax: " + " or ".join(fixes)) if fixes else "aim higher: no single relaxation reaches it",
+        )
+    if nearest is None:
+        return UserError(
+            "the search space holds no shape but the teacher's", where="--axes", fix="add axes or relax --limit"
+        )
+    dev, total, active = nearest
+    active_text = f" ({human(active)} active)" if teacher.experts else ""
+    return UserError(
+        f"no grid shape lies within ±{budget.tolerance:.0%} of {budget.describe().rsplit(' ±', 1)[0]}; "
+        f"the nearest has {human(total)} params{active_text}, {dev:.1%} off",
+        where="--target" if budget.total else "--active-target",
+        fix=f"widen --tolerance to {math.ceil(dev * 1000) / 10:.1f}%, or add an axis to --axes for a finer grid",
+    )
+
+
+# --- the request: the flags of `minitron prune --target` together --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """The search flags of ``minitron prune``, parsed against the teacher's shape."""
+
+    budget: Budget
+    space: SearchSpace
+    axes: tuple[str, ...]
+
+    @classmethod
+    def parse(
+        cls,
+        teacher: Shape,
+        *,
+        target: str | None,
+        active_target: str | None = None,
+        axes: str | Sequence[str] = "width",
+        prune_heads: bool = False,
+        tolerance: str | float = "2%",
+        limits: Iterable[str] = (),
+        drop_layers: list[int] | None = None,
+    ) -> "Request":
+        dims = parse_axes(axes, teacher, prune_heads)
+        if drop_layers is not None and "layers" in dims:
+            raise UserError("--drop-layers fixes the depth", where="--axes depth",
+                            fix="pass either --drop-layers or --axes depth, not both")
+        space = SearchSpace.build(teacher, dims, parse_limits(limits))
+        if drop_layers is not None:
+            # Explicit layers to drop fix the depth; the search then only shapes the width.
+            space.values["layers"] = [teacher.layers - len(drop_layers)]
+        names = [n.strip() for part in ([axes] if isinstance(axes, str) else axes) for n in part.split(",")]
+        names = [n for n in names if n]
+        return cls(Budget.parse(teacher, target, active_target, tolerance), space, tuple(dict.fromkeys(names)))
+
+    def candidates(self) -> list[Candidate]:
+        return enumerate_candidates(self.space.teacher, self.budget, self.space)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget.to_dict(), "axes": list(self.axes), "search_space": self.space.to_dict()}
+
+
+def dry_run_record(model: str, teacher: Shape, request: Request) -> dict[str, Any]:
+    """The ``--dry-run --json`` record: teacher, budget, grid and every candidate, best-first."""
+    found = request.candidates()
+    return {
+        "model": str(model),
+        "family": teacher.model_type,
+        "teacher": {"shape": teacher.to_dict(), "params": teacher.counts()},
+        **request.to_dict(),
+        "count": len(found),
+        "candidates": [c.to_dict() for c in found],
+    }

@@ -1,0 +1,106 @@
+"""Scoring a model on held-out tokens, and the short distillation that may precede it.
+
+:class:`HeldOut` measures a model's LM loss (or KL to the teacher) on token blocks the importance scores never
+saw; the search ranks candidate students by it and the depth strategies (``search_depth``) measure layer
+removals with it. :func:`short_distill` retrains a candidate for ``--search-steps`` steps before it is scored
+(the lightweight architecture search of Minitron, arXiv 2407.14679 §3: the best shape right after pruning is
+not always the best after retraining, and a few hundred steps are enough to tell them apart).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+RANK_BY = ("loss", "kl")
+
+
+def _head_input(model: Any, ids: Any) -> Any:
+    """The hidden states that feed the output head ``[B, T, D]``: the losses apply the head themselves, in
+    chunks, so no ``tokens × vocab`` logits are ever materialised."""
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+class HeldOut:
+    """Held-out token blocks ``[N, T]`` and, for KL, the teacher's head inputs on them (computed once).
+
+    Scores are sums over tokens divided by the token count of the whole set, so batching does not change them.
+    """
+
+    def __init__(self, teacher: Any, blocks: Any, *, batch_size: int = 4, need_teacher: bool = False):
+        self.blocks, self.batch_size = blocks, max(1, batch_size)
+        self.teacher_head = None
+        self.teacher_hidden: list[Any] = []
+        if need_teacher:
+            device = next(teacher.parameters()).device
+            with torch.no_grad():
+                self.teacher_hidden = [_head_input(teacher, b.to(device)) for b in self.batches()]
+            from minitron.losses import output_head
+
+            self.teacher_head = output_head(teacher)
+
+    def batches(self) -> list[Any]:
+        return list(self.blocks.split(self.batch_size))
+
+    def score(self, model: Any, rank_by: str) -> float:
+        """Mean LM loss (next-token cross entropy) or mean KL(teacher ‖ model) per token; lower is better."""
+        from minitron.losses import forward_kl, lm_loss, output_head
+
+        head, divisor = output_head(model)
+        device = head.device
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for k, batch in enumerate(self.batches()):
+                batch = batch.to(device)
+                hidden = _head_input(model, batch)
+                if rank_by == "loss":
+                    # Position t predicts token t+1: drop the last hidden state and the first label.
+                    total += float(lm_loss(hidden[:, :-1], head, batch[:, 1:], divisor=divisor, normalizer=1.0))
+                    count += batch[:, 1:].numel()
+                else:
+                    t_head, t_divisor = self.teacher_head
+                    total += float(
+                        forward_kl(
+                            hidden, head, self.teacher_hidden[k], t_head,
+                            student_divisor=divisor, teacher_divisor=t_divisor, normalizer=1.0,
+                        )
+                    )
+                    count += batch.numel()
+        return total / count
+
+
+# --- the short distillation before scoring (--search-steps) --------------------------------------------------
+
+
+def short_distill(
+    student: Any, teacher: Any, blocks: Any, *, steps: int, lr: float, batch_size: int, seed: int
+) -> None:
+    """``steps`` steps of logit distillation (forward KL, τ = 1, AdamW, constant LR, grad-norm clip 1).
+
+    Just enough retraining to let the candidates recover before they are compared (2407.14679 §3: the ranking
+    right after pruning changes after a few hundred steps, then stays put).
+    """
+    from minitron.losses import forward_kl, output_head
+
+    torch.manual_seed(seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(student.parameters()).device
+    t_head, t_divisor = output_head(teacher)
+    student.train()
+    # A seeded order of the training blocks, the same for every candidate so that they see the same tokens.
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    batches = blocks[order].split(max(1, batch_size))
+    for step in range(steps):
+        ids = batches[step % len(batches)].to(device)
+        with torch.no_grad():
+            t_hidden = _head_input(teacher, ids)
+        s_head, s_divisor = output_head(student)
+        loss = forward_kl(_head_input(student, ids), s_head, t_hidden, t_head,
+                          student_divisor=s_divisor, teacher_divisor=t_divisor)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    student.eval()

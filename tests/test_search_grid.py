@@ -1,0 +1,264 @@
+"""Candidate shapes for a parameter budget: flag parsing, the grid, enumeration, refusals, the dry run."""
+
+import json
+from pathlib import Path
+
+import pytest
+from clirun import minitron
+from tiny import tiny_config
+
+from minitron.errors import UserError
+from minitron.families import Shape
+from minitron.search_grid import (
+    Budget,
+    Request,
+    SearchSpace,
+    enumerate_candidates,
+    grid_step,
+    parse_axes,
+    parse_count,
+    parse_limits,
+    parse_tolerance,
+)
+
+SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
+
+
+def full_shape(name: str) -> Shape:
+    return Shape.from_config(json.loads((SHARED / name / "config.json").read_text()))
+
+
+def candidates(teacher: Shape, target=None, *, axes="width", active=None, tolerance="2%", limits=(), heads=False):
+    budget = Budget.parse(teacher, target, active, tolerance)
+    space = SearchSpace.build(teacher, parse_axes(axes, teacher, heads), parse_limits(limits))
+    return budget, space, enumerate_candidates(teacher, budget, space)
+
+
+def assert_within(budget: Budget, found):
+    """Every candidate's *recounted* parameters lie within tolerance of every target given."""
+    assert found
+    for c in found:
+        counts = c.shape.counts()
+        assert (counts["total"], counts["active"]) == (c.total, c.active)
+        if budget.total:
+            assert abs(counts["total"] - budget.total) <= budget.tolerance * budget.total
+        if budget.active:
+            assert abs(counts["active"] - budget.active) <= budget.tolerance * budget.active
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("4B", 4_000_000_000), ("4.5B", 4_500_000_000), ("800M", 800_000_000), ("1.2e9", 1_200_000_000),
+     ("0.5x", 500_000_000), ("250k", 250_000), ("4.5b", 4_500_000_000)],
+)
+def test_parse_count(text, expected):
+    assert parse_count(text, 1_000_000_000 if text.endswith("x") else 10**10) == expected
+
+
+@pytest.mark.parametrize("text, needle", [("1x", "between 0 and 1"), ("1.5x", "between 0 and 1"),
+                                          ("9B", "not smaller"), ("8.04B", "not smaller"), ("four", "cannot read"),
+                                          ("0", "positive")])
+def test_parse_count_refuses(text, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_count(text, 8_030_261_248)
+
+
+def test_parse_tolerance_and_limits():
+    assert parse_tolerance("2%") == pytest.approx(0.02) and parse_tolerance("0.05") == pytest.approx(0.05)
+    for bad in ("0", "60%", "x"):
+        with pytest.raises(UserError, match="--tolerance"):
+            parse_tolerance(bad)
+    limits = parse_limits(["ffn=0.3", "layers=0.25"])
+    assert limits["ffn"] == 0.3 and limits["layers"] == 0.25 and limits["hidden"] == 0.5
+    for bad in ("ffn", "mlp=0.3", "ffn=1.0", "ffn=abc"):
+        with pytest.raises(UserError, match="--limit"):
+            parse_limits([bad])
+
+
+def test_parse_axes():
+    llama, moe = full_shape("llama-3.1-8b"), full_shape("granite-3.1-1b-a400m-base")
+    assert parse_axes("width", llama) == {"hidden", "ffn"}
+    assert parse_axes("width", llama, prune_heads=True) == {"hidden", "ffn", "heads"}
+    assert parse_axes("width,depth", llama) == {"hidden", "ffn", "layers"}
+    assert parse_axes(["experts"], moe) == {"experts", "ffn"}
+    with pytest.raises(UserError, match="no experts"):
+        parse_axes("experts", llama)
+    with pytest.raises(UserError, match="unknown axis"):
+        parse_axes("heads", llama)
+    with pytest.raises(UserError, match="--prune-heads"):
+        parse_axes("depth", llama, prune_heads=True)
+    with pytest.raises(UserError, match="dense"):
+        Budget.parse(llama, "4B", "2B")
+
+
+def test_grid_steps_are_hardware_friendly_and_scale_down():
+    assert grid_step("hidden", 4096) == 128 and grid_step("ffn", 14336) == 256
+    assert grid_step("hidden", 1024) == 64 and grid_step("ffn", 512) == 32
+    assert grid_step("hidden", 64) == 4  # tiny test models still get a grid
+    llama = full_shape("llama-3.1-8b")
+    space = SearchSpace.build(llama, parse_axes("width,depth", llama, prune_heads=True))
+    assert all(v % 128 == 0 for v in space.values["hidden"]) and min(space.values["hidden"]) == 2048
+    assert all(v % 256 == 0 for v in space.values["ffn"]) and min(space.values["ffn"]) == 7168
+    assert space.values["heads"] == [32, 24, 16]  # 1..4 query heads per KV group, at most half removed
+    assert space.values["layers"] == list(range(32, 15, -1))
+    moe = full_shape("granite-3.1-3b-a800m-base")
+    experts = SearchSpace.build(moe, parse_axes("experts", moe), {"experts": 0.9}).values["experts"]
+    assert min(experts) == moe.top_k  # never fewer experts than a token routes to
+
+
+# --- the full-size configs -----------------------------------------------------------------------------------
+
+MINITRON_4B_WIDTH = dict(hidden=3072, ffn=9216, heads=32, kv_heads=8, head_dim=128, layers=32)
+
+
+def test_llama_width_lists_minitron_4b_width():
+    budget, _, found = candidates(full_shape("llama-3.1-8b"), "4.5B", axes="width")
+    assert_within(budget, found)
+    match = [c for c in found if all(getattr(c.shape, k) == v for k, v in MINITRON_4B_WIDTH.items())]
+    assert len(match) == 1 and match[0].total == 4_512_746_496
+    # The published shape is also what the real config of Minitron-4B-Width counts to.
+    assert full_shape("llama-3.1-minitron-4b-width").counts()["total"] == match[0].total
+    assert all(c.shape.layers == 32 and c.shape.heads == 32 for c in found)  # width only: depth, heads kept
+
+
+def test_llama_depth_lists_16_layers():
+    budget, _, found = candidates(full_shape("llama-3.1-8b"), "4.5B", axes="depth")
+    assert_within(budget, found)
+    assert [(c.shape.layers, c.total) for c in found] == [(16, 4_540_469_248)]
+    assert full_shape("llama-3.1-minitron-4b-depth").counts()["total"] == 4_540_469_248
+
+
+def test_width_and_depth_prefers_keeping_layers():
+    budget, _, found = candidates(full_shape("llama-3.1-8b"), "4.5B", axes="width,depth", heads=True)
+    assert_within(budget, found)
+    layers = [c.shape.layers for c in found]
+    assert layers == sorted(layers, reverse=True) and 16 in layers and 32 in layers
+    assert any(c.shape.heads < 32 for c in found)
+
+
+@pytest.mark.parametrize(
+    "name, target, active, axes",
+    [
+        ("granite-3.1-8b-base", "4B", None, "width"),
+        ("granite-3.1-8b-base", "0.6x", None, "depth"),
+        ("granite-3.1-2b-instruct", "1.5B", None, "width,depth"),
+        ("powerlm-3b", "2B", None, "width"),
+        ("granite-3.1-3b-a800m-base", "2B", None, "width,experts"),
+        ("granite-3.1-3b-a800m-base", "2B", None, "experts"),
+        ("granite-3.1-1b-a400m-base", None, "300M", "experts"),
+        ("granite-3.1-1b-a400m-base", "800M", "300M", "width,experts"),
+    ],
+)
+def test_granite_targets(name, target, active, axes):
+    teacher = full_shape(name)
+    budget, space, found = candidates(teacher, target, active=active, axes=axes)
+    assert_within(budget, found)
+    for c in found:
+        assert c.shape != teacher
+        for dim in space.dims:  # no dimension shrinks past its limit
+            assert getattr(c.shape, dim) >= (1 - space.limits[dim]) * getattr(teacher, dim)
+        if teacher.experts:
+            assert teacher.top_k <= c.shape.experts <= teacher.experts
+    if active:
+        assert all(c.active < teacher.counts()["active"] for c in found)
+
+
+# --- refusals ------------------------------------------------------------------------------------------------
+
+
+def test_target_below_the_limits_names_the_blocking_limit():
+    with pytest.raises(UserError) as e:
+        candidates(full_shape("llama-3.1-8b"), "3B", axes="depth")
+    line = e.value.line()
+    assert "layers ≥ 16" in line and "layers 50%" in line and "--limit layers=" in line and "--axes width" in line
+    with pytest.raises(UserError) as e:
+        candidates(full_shape("llama-3.1-8b"), "4.5B", axes="width", limits=["ffn=0.3", "hidden=0.2"])
+    assert "--limit ffn=0.45" in e.value.line()
+
+
+def test_grid_too_coarse_for_the_tolerance_says_how_far():
+    tiny = Shape.from_config(tiny_config("llama"))
+    with pytest.raises(UserError, match=r"nearest .* off — widen --tolerance to"):
+        candidates(tiny, "0.75x", axes="depth")
+    budget, _, found = candidates(tiny, "0.75x", axes="depth", tolerance="5%")
+    assert_within(budget, found)
+
+
+def test_target_at_or_above_the_teacher_is_refused():
+    llama = full_shape("llama-3.1-8b")
+    for target in ("1x", "8.1B", str(llama.counts()["total"])):
+        with pytest.raises(UserError, match="--target"):
+            Budget.parse(llama, target)
+    moe = full_shape("granite-3.1-1b-a400m-base")
+    with pytest.raises(UserError, match="--active-target"):
+        Budget.parse(moe, None, "500M")  # more than its 428M active
+
+
+# --- tiny models ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes, target", [("width", "0.7x"), ("width,depth", "0.6x")])
+def test_tiny_models_have_candidates_within_tolerance(family_name, axes, target):
+    teacher = Shape.from_config(tiny_config(family_name))
+    budget, _, found = candidates(teacher, target, axes=axes, heads=True)
+    assert_within(budget, found)
+
+
+# --- every candidate must be a checkpoint transformers accepts -------------------------------------------------
+
+
+def test_llama_candidates_keep_hidden_a_multiple_of_the_heads():
+    # The bundled teacher has 10 query heads and a hidden grid step of 16: hidden 224 or 208 would be on the
+    # grid, but transformers 5's LlamaConfig refuses a hidden size that is not a multiple of the heads.
+    from transformers import AutoConfig
+
+    from minitron.assets import teacher_path
+    from minitron.families import config_updates, read_config
+
+    raw = read_config(teacher_path())
+    teacher = Shape.from_config(raw)
+    found = Request.parse(teacher, target="0.5x", axes="width,depth").candidates()
+    assert found and all(c.shape.hidden % c.shape.heads == 0 for c in found)
+    for c in found:  # each one builds a real config: a pruned checkpoint of it loads
+        fields = {**raw, **config_updates(teacher, c.shape)}
+        fields.pop("model_type")
+        AutoConfig.for_model("llama", **fields)
+    with pytest.raises(UserError, match="multiple of the 10 query heads"):
+        from minitron.plan import student_shape
+
+        student_shape(teacher, hidden=224)
+
+
+# --- the CLI dry run: shape arithmetic only ---------------------------------------------------------------
+
+
+cli = minitron
+
+
+def test_cli_dry_run_json_lists_the_published_llama_shapes(tmp_path):
+    # A folder holding nothing but config.json: the dry run needs no weights.
+    (tmp_path / "config.json").write_text((SHARED / "llama-3.1-8b" / "config.json").read_text())
+    width = cli("prune", tmp_path, "--target", "4.5B", "--axes", "width", "--dry-run", "--json")
+    assert width.returncode == 0, width.stderr
+    info = json.loads(width.stdout)
+    assert info["count"] == len(info["candidates"]) > 1
+    assert any(
+        all(c[k] == v for k, v in MINITRON_4B_WIDTH.items()) and c["params"] == 4_512_746_496 for c in info["candidates"]
+    )
+    assert all(abs(c["params"] - 4.5e9) <= 0.02 * 4.5e9 for c in info["candidates"])
+    depth = json.loads(cli("prune", tmp_path, "--target", "4.5B", "--axes", "depth", "--dry-run", "--json").stdout)
+    assert [(c["layers"], c["params"]) for c in depth["candidates"]] == [(16, 4_540_469_248)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_cli_dry_run_active_target_on_granite_moe():
+    result = cli("prune", SHARED / "granite-3.1-1b-a400m-base", "--active-target", "300M", "--axes", "width,experts",
+                 "--dry-run", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["candidates"] and all(abs(c["active_params"] - 3e8) <= 0.02 * 3e8 for c in info["candidates"])
+    table = cli("prune", SHARED / "granite-3.1-3b-a800m-base", "--target", "2B", "--axes", "width,experts", "--dry-run")
+    assert table.returncode == 0 and "candidates for 2.00B params" in table.stdout
