@@ -8,7 +8,8 @@ kv_groups      per KV head, the L2 norm of the slices of all query heads that sh
 neurons        per MLP neuron, the input of the down projection (per expert for MoE)
 hidden         per embedding channel, the outputs of every RMSNorm, summed over all of them
 expert_tokens  per MoE expert, how many tokens the router sent to it
-expert_norm    per MoE expert, the L2 norm of its (routing-weighted) output
+expert_norm    per MoE expert, the L2 norm of its (routing-weighted) output on every token, zero where it
+               was not chosen: how often *and* how strongly it acts
 blocks         per layer, block importance 1 − cos(layer input, layer output), mean over tokens
 layer_loss     per layer (optional), the rise of the LM loss when the layer is skipped
 ============== ==================================================================================

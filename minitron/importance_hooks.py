@@ -42,14 +42,24 @@ def reduce_seq(values: torch.Tensor, how: str) -> torch.Tensor:
     return values.float().abs().var(dim=1, correction=0)
 
 
-def reduce_seq_rows(values: torch.Tensor, sample: torch.Tensor, samples: int, how: str) -> torch.Tensor:
+def reduce_seq_rows(
+    values: torch.Tensor, sample: torch.Tensor, samples: int, how: str, length: int | None = None
+) -> torch.Tensor:
     """Like :func:`reduce_seq` for rows that belong to samples unevenly (the tokens an expert was sent):
-    ``values [n, C]``, ``sample [n]`` → ``[samples, C]``; a sample with no rows gets 0."""
+    ``values [n, C]``, ``sample [n]`` → ``[samples, C]``; a sample with no rows gets 0.
+
+    ``length=None``: aggregate over each sample's rows alone (what an expert's neurons do when it runs).
+    ``length=S``: the rows are the non-zero tokens of a length-``S`` sequence that is zero elsewhere (an
+    expert's output: it adds nothing to a token it was not sent), so ``mean`` divides by ``S`` and an expert
+    sent one token weighs one ``S``-th of an expert sent every token with the same output."""
     values = values.float().abs()
     zeros = values.new_zeros(samples, values.shape[1])
     if how == "l2":
         return zeros.index_add_(0, sample, values.square()).sqrt()
-    count = torch.bincount(sample, minlength=samples).clamp(min=1).unsqueeze(1).to(values.dtype)
+    if length is not None:
+        count = values.new_full((samples, 1), float(length))
+    else:
+        count = torch.bincount(sample, minlength=samples).clamp(min=1).unsqueeze(1).to(values.dtype)
     mean = zeros.index_add(0, sample, values) / count
     if how == "mean":
         return mean
@@ -228,7 +238,7 @@ class Recorder:
                     sample = token_idx // s
                     neurons[:, e] = reduce_seq_rows(h, sample, b, self.seq_agg)
                     norms = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=torch.float32)
-                    out_norm[:, e] = reduce_seq_rows(norms, sample, b, self.seq_agg)[:, 0]
+                    out_norm[:, e] = reduce_seq_rows(norms, sample, b, self.seq_agg, length=s)[:, 0]
             if record:
                 self.neurons[i].add(neurons)
                 self.expert_norm[i].add(out_norm)

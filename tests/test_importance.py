@@ -214,6 +214,43 @@ def test_moe_instrumentation_leaves_outputs_unchanged():
     assert "forward" not in vars(model.model.layers[0].block_sparse_moe.experts)
 
 
+
+def test_expert_norm_weighs_how_often_an_expert_is_chosen():
+    """A constructed router: expert 0 gets every token but one per sample, expert 1 (a copy of expert 0 with a
+    4× output) that one token. Per token routed to it expert 1 is the strongest, but over the sequence it adds far less:
+    expert_norm must rank as the contribution to the sequence does (here as expert_tokens), equal to the L2 over
+    samples of ``Σ_t ‖y_t‖ / S`` (zero on tokens an expert was not sent), as computed by hand."""
+    model = tiny_model("granitemoe", num_experts_per_tok=1)
+    moe = model.model.layers[1].block_sparse_moe
+    samples, seq = 3, 16
+    one = torch.zeros(samples, seq, dtype=torch.long)
+    one[:, 4] = 1  # the one token per sample that goes to expert 1
+
+    def route(hidden_states):  # [batch × seq, hidden] → (logits, top-k weights, top-k index)
+        index = one[: len(hidden_states) // seq].reshape(-1, 1)
+        return torch.zeros(len(index), 4), torch.ones(len(index), 1), index
+
+    moe.router.forward = route
+    with torch.no_grad():
+        moe.experts.gate_up_proj[1] = moe.experts.gate_up_proj[0]
+        moe.experts.down_proj[1] = 4 * moe.experts.down_proj[0]
+    inputs = []
+    moe.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    s = scores_of(model, blocks(samples, seq), batch_agg="l2", seq_agg="mean")
+    tokens, norm = s["expert_tokens.1"], s["expert_norm.1"]
+    assert tokens.tolist() == [samples * (seq - 1), samples, 0, 0]
+    assert norm[0] > norm[1] > 0 and norm[2] == norm[3] == 0
+
+    x = torch.cat(inputs[-2:])  # the scored pass (batches of 2 and 1): [samples, seq, hidden]
+    experts = moe.experts
+    expected = []
+    for e in range(2):
+        gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e]).norm(dim=-1)
+        per_sample = (y * (one == e)).sum(1) / seq
+        expected.append(per_sample.square().sum().sqrt())
+    torch.testing.assert_close(norm[:2], torch.stack(expected), rtol=1e-4, atol=1e-6)
+
 # --- layer by layer == whole model ------------------------------------------------------------------------------
 
 
