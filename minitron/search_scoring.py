@@ -9,6 +9,7 @@ not always the best after retraining, and a few hundred steps are enough to tell
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -80,13 +81,22 @@ def short_distill(
 
     Just enough retraining to let the candidates recover before they are compared (2407.14679 §3: the ranking
     right after pruning changes after a few hundred steps, then stays put).
+
+    The student trains on float32 master weights and is left in float32, as ``distill`` trains: a candidate
+    pruned from a bf16 teacher (a GPU search loads the checkpoint's dtype) would otherwise step AdamW on bf16
+    parameters, where an update below half a unit in the last place rounds away: norm weights near 1 (ulp
+    2⁻⁷) never move at a search LR of 1e-4, and many other weights freeze too. The forward and backward still
+    run in the weights' original half precision under autocast, as ``distill`` computes with ``precision: bf16``.
     """
     from minitron.losses import forward_kl, output_head
 
     torch.manual_seed(seed)
+    device = next(student.parameters()).device
+    half = next(student.parameters()).dtype
+    compute = torch.autocast(device.type, dtype=half) if half != torch.float32 else contextlib.nullcontext()
+    student.float()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(student.parameters()).device
     t_head, t_divisor = output_head(teacher)
     student.train()
     # A seeded order of the training blocks, the same for every candidate so that they see the same tokens.
@@ -96,9 +106,10 @@ def short_distill(
         ids = batches[step % len(batches)].to(device)
         with torch.no_grad():
             t_hidden = _head_input(teacher, ids)
-        s_head, s_divisor = output_head(student)
-        loss = forward_kl(_head_input(student, ids), s_head, t_hidden, t_head,
-                          student_divisor=s_divisor, teacher_divisor=t_divisor)
+        with compute:
+            s_head, s_divisor = output_head(student)
+            loss = forward_kl(_head_input(student, ids), s_head, t_hidden, t_head,
+                              student_divisor=s_divisor, teacher_divisor=t_divisor)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
