@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from minitron.artifacts import atomic_dir, atomic_file, versions
 from minitron.errors import UserError
-from minitron.losses import HiddenStateLoss, combine_losses, forward_kl, lm_loss, output_head
+from minitron.losses import HiddenStateLoss, combine_losses, forward_kl, layer_outputs, lm_loss, output_head
 from minitron.recipe import Data, Optimizer, Recipe, check_inputs
 
 FINAL = "final"
@@ -259,7 +259,9 @@ class Distiller(nn.Module):
         """
         inputs, labels = input_ids[:, :-1], input_ids[:, 1:]
         want_states = bool(self.pairs) and self.training
-        student = self.student.base_model(input_ids=inputs, output_hidden_states=want_states, use_cache=False)
+        student, student_states = layer_outputs(
+            self.student.base_model, want_states, input_ids=inputs, use_cache=False
+        )
         student_head, student_divisor = output_head(self.student)
         chunk = self.loss.chunk_size
         lm = None
@@ -273,7 +275,9 @@ class Distiller(nn.Module):
             return {"total": total, "lm": lm.detach(), "kd": torch.zeros_like(total)}
 
         with torch.no_grad():
-            teacher = self.teacher.base_model(input_ids=inputs, output_hidden_states=want_states, use_cache=False)
+            teacher, teacher_states = layer_outputs(
+                self.teacher.base_model, want_states, input_ids=inputs, use_cache=False
+            )
         teacher_head, teacher_divisor = output_head(self.teacher)
         kd = forward_kl(
             student.last_hidden_state, student_head, teacher.last_hidden_state, teacher_head,
@@ -281,7 +285,7 @@ class Distiller(nn.Module):
             chunk_size=chunk, normalizer=normalizer,
         )  # fmt: skip
         hidden = [
-            loss(student.hidden_states[s], teacher.hidden_states[t], normalizer=normalizer)
+            loss(student_states[s], teacher_states[t], normalizer=normalizer)
             for loss, (s, t) in zip(self.hidden_losses, self.pairs)
         ] if want_states else []  # fmt: skip
         return combine_losses(kd, lm=lm, hidden=hidden, kd_weight=self.loss.kd, lm_weight=self.loss.lm)

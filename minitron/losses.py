@@ -216,6 +216,31 @@ def output_head(model: Any) -> tuple[Tensor, float]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def layer_outputs(base_model: nn.Module, want: bool, **inputs: Any) -> tuple[Any, list[Tensor] | None]:
+    """Run a decoder stack (``model.base_model``) and, with ``want``, return the states that hidden-state
+    pairs name: ``states[0]`` the embeddings, ``states[i]`` the residual stream after decoder layer ``i``
+    (1-based), every one *before* the final norm.
+
+    transformers 5's ``hidden_states[i]`` is exactly that for ``i`` below the layer count, but its last entry
+    is the final norm's output (``last_hidden_state``), not the last layer's. A pair naming one model's last
+    layer and another layer of the other would compare a normalised state with a raw one; so the last entry
+    is replaced by the last layer's own output, caught by a forward hook for this one call.
+    """
+    if not want:
+        return base_model(**inputs), None
+    caught: dict[str, Tensor] = {}
+
+    def catch(module, args, output):
+        caught["last"] = output[0] if isinstance(output, tuple) else output
+
+    handle = base_model.layers[-1].register_forward_hook(catch)
+    try:
+        out = base_model(**inputs, output_hidden_states=True)
+    finally:
+        handle.remove()
+    return out, [*out.hidden_states[:-1], caught["last"]]
+
+
 class HiddenStateLoss(nn.Module):
     """Distance between a student hidden state and the teacher's at the paired layer.
 

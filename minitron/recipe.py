@@ -53,7 +53,8 @@ class Data(_Section):
 
 class Hidden(_Section):
     pairs: Annotated[list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]], Field(min_length=1)]
-    """``[student_layer, teacher_layer]`` pairs of hidden states (0 = embeddings, i = output of layer i)."""
+    """``[student_layer, teacher_layer]`` pairs of hidden states: 0 = the embeddings, i = the residual stream
+    after decoder layer i (1-based), always before the final norm, the last layer included."""
     kind: Literal["cosine", "mse"] = "cosine"
     """Distance per token: 1 − cosine similarity, or mean squared difference."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,14 @@ from minitron.losses import (
     HiddenStateLoss,
     combine_losses,
     forward_kl,
+    layer_outputs,
     lm_loss,
     naive_forward_kl,
     output_head,
 )
 from tiny import tiny_model
+
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def make(n=29, d=12, dt=20, vocab=53, dtype=torch.float32, seed=0):
@@ -365,3 +370,42 @@ def test_forward_kl_stays_exact_at_a_llama3_vocabulary():
     for chunk in (64, 256):
         got = forward_kl(hs, ws, ht, wt, chunk_size=chunk).item()
         assert abs(got - exact) < 2e-6 * exact, (chunk, got, exact)
+
+
+# --- which hidden states a pair names -------------------------------------------------------------------------
+
+
+def test_layer_outputs_are_every_layers_raw_output_the_last_included(family_name):
+    """transformers 5's last ``hidden_states`` entry is the final norm's output; ``layer_outputs`` gives the
+    last decoder layer's own output there, so every index means the same thing: the state after layer i."""
+    model = tiny_model(family_name)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    raw = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: raw.append(out[0] if isinstance(out, tuple) else out))
+             for layer in model.model.layers]  # fmt: skip
+    with torch.no_grad():
+        out, states = layer_outputs(model.model, True, input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(states) == len(raw) + 1 == model.config.num_hidden_layers + 1
+    assert torch.equal(states[0], model.model.embed_tokens(ids) * getattr(model.config, "embedding_multiplier", 1.0))
+    assert all(torch.equal(states[i + 1], raw[i]) for i in range(len(raw)))
+    torch.testing.assert_close(model.model.norm(states[-1]), out.last_hidden_state)
+    assert all(hook.__name__ != "catch" for hook in model.model.layers[-1]._forward_hooks.values())  # this call's only
+
+
+def test_a_pair_naming_the_last_layer_compares_like_with_like(tmp_path):
+    """A student that *is* the teacher's first two layers: its last layer's output and the teacher's layer-2
+    output are the same residual stream, so the hidden-state loss of the pair [2, 2] is exactly zero."""
+    from minitron.distill import Distiller
+    from minitron.recipe import load_recipe
+
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    student.model.layers = student.model.layers[:2]
+    student.config.num_hidden_layers = 2
+    recipe = load_recipe(RECIPES / "tiny-cpu.yaml", ["loss.hidden.pairs=[[2, 2], [1, 1]]", "loss.hidden.kind=mse"])
+    distiller = Distiller(student, teacher, recipe).train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = distiller(ids, normalizer=float(ids[:, 1:].numel()), with_lm=False)
+    assert out["hidden"] == 0 and out["kd"] > 0  # the logits differ (two layers fewer), the paired states do not
