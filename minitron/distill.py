@@ -176,21 +176,32 @@ class Blocks:
     """Which blocks every process reads at every step: a pure function of (seed, step), so a resumed run
     reads exactly what the uninterrupted one would have.
 
-    A seeded choice of ``heldout`` blocks is kept out of training for evaluation. Training walks the
-    rest in a fresh seeded order each epoch; step ``s`` takes global positions ``[s·G, (s+1)·G)`` of that
-    endless stream, process ``r`` the ``r``-th contiguous share of them, cut into micro-batches.
+    A seeded region of ``reserve`` blocks is kept out of training; evaluation reads its first ``heldout``
+    (``eval.blocks``). Training walks the rest in a fresh seeded order each epoch; step ``s`` takes global
+    positions ``[s·G, (s+1)·G)`` of that endless stream, process ``r`` the ``r``-th contiguous share of
+    them, cut into micro-batches. The region is the run's own (``eval.blocks`` when it started, recorded in
+    its checkpoints, :func:`resumed_reserve`): were it cut at ``eval.blocks``, a resume that changes
+    ``eval.blocks`` would train on other blocks and evaluate on blocks already trained on.
     """
 
-    def __init__(self, blocks: np.ndarray, *, heldout: int, seed: int):
-        if len(blocks) <= heldout:
+    def __init__(self, blocks: np.ndarray, *, heldout: int, seed: int, reserve: int | None = None):
+        reserve = heldout if reserve is None else reserve
+        if heldout > reserve:
             raise UserError(
-                f"the data packs into {len(blocks)} blocks, not more than the {heldout} held out for evaluation",
+                f"{heldout} is more than the {reserve} blocks this run has held out of training since it began",
+                where="eval.blocks",
+                fix=f"resume with eval.blocks ≤ {reserve} (more would evaluate on blocks already trained on), "
+                "or start a new run",
+            )
+        if len(blocks) <= reserve:
+            raise UserError(
+                f"the data packs into {len(blocks)} blocks, not more than the {reserve} held out for evaluation",
                 where="data.source",
                 fix="use more text, a shorter data.seq_len or fewer eval.blocks",
             )
-        self.blocks, self.seed = blocks, seed
+        self.blocks, self.seed, self.reserve = blocks, seed, reserve
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)).numpy()
-        self.heldout, self.train = np.sort(order[:heldout]), order[heldout:]
+        self.heldout, self.train = np.sort(order[:heldout]), order[reserve:]
         self._epochs: dict[int, np.ndarray] = {}
 
     def _epoch(self, epoch: int) -> np.ndarray:
@@ -408,7 +419,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, tokens) -> Path:
+def resumed_reserve(run_dir: Path) -> int | None:
+    """How many blocks the run being resumed holds out of training (:class:`Blocks`), as its latest
+    checkpoint recorded it; None before the first checkpoint (nothing trained is kept: start afresh)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    return json.loads((checkpoint / "state.json").read_text()).get("heldout_reserve")
+
+
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, tokens, heldout_reserve) -> Path:
     """Model, optimizer, scheduler, data position and every process's RNG, written to a temporary folder
     that is renamed into place only when complete."""
     from safetensors.torch import save_file
@@ -426,7 +446,10 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, 
     if world.main:
         save_file(weights, tmp / "model.safetensors")
         torch.save(optim, tmp / "optimizer.pt")
-        state = {"step": step, "tokens": tokens, "world_size": world.size, "scheduler": scheduler.state_dict()}
+        state = {
+            "step": step, "tokens": tokens, "world_size": world.size, "scheduler": scheduler.state_dict(),
+            "heldout_reserve": heldout_reserve,
+        }  # fmt: skip
         barrier(world)  # every process has written its RNG state
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -630,7 +653,10 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
         return run_dir / FINAL  # finished before, with this very recipe (prepare_run_dir compared them)
     _seed_everything(recipe.seed)
 
-    data = Blocks(packed_blocks(recipe.data, tokenizer, world), heldout=recipe.eval.blocks, seed=recipe.seed)
+    data = Blocks(
+        packed_blocks(recipe.data, tokenizer, world), heldout=recipe.eval.blocks, seed=recipe.seed,
+        reserve=resumed_reserve(run_dir) if resume else None,
+    )  # fmt: skip
     heldout = data.evaluation(recipe.batch.micro, world)
     model = load_models(recipe, world, trust_remote_code)
     optimizer, scheduler = make_optimizer(model, recipe.optimizer, total_steps)
@@ -678,7 +704,10 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
                 last_eval = evaluate(model, heldout, recipe, world)
                 metrics.write(step=step, tokens=tokens, **last_eval)
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, world, keep=recipe.checkpoint.keep, tokens=tokens)
+                save_checkpoint(
+                    run_dir, step, model, optimizer, scheduler, world, keep=recipe.checkpoint.keep, tokens=tokens,
+                    heldout_reserve=data.reserve,
+                )
 
     # save
     if not last_eval:  # resumed a run that had already finished

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,6 +283,38 @@ def test_each_step_reads_the_same_blocks_whatever_the_number_of_processes():
     train_rows = {tuple(blocks[i].tolist()) for i in data.train}
     assert {row for step in range(6) for row in rows(step, 1, 8)} == train_rows  # …and all of them in it
 
+
+
+def test_eval_blocks_never_changes_which_blocks_train_and_held_out_blocks_never_train():
+    """The held-out region is the run's (``reserve``): any ``eval.blocks`` within it reads the same training
+    blocks in the same order, and evaluates only on blocks that no step ever reads."""
+    blocks = np.arange(60 * 4, dtype=np.uint32).reshape(60, 4)
+    world = World(rank=0, size=1, device=torch.device("cpu"))
+    runs = {k: Blocks(blocks, heldout=k, seed=3, reserve=8) for k in (1, 4, 8)}
+
+    def trained(data):  # 20 steps of 8: past two epochs of the 52 training blocks
+        return [tuple(row.tolist()) for step in range(20) for b in data.step(step, 8, 4, world) for row in b]
+
+    orders = {k: trained(data) for k, data in runs.items()}
+    assert orders[1] == orders[4] == orders[8]
+    for k, data in runs.items():
+        assert len(data.heldout) == k and set(data.heldout) <= set(runs[8].heldout)
+        assert not {tuple(blocks[i].tolist()) for i in data.heldout} & set(orders[k])
+    with pytest.raises(UserError, match="eval.blocks"):
+        Blocks(blocks, heldout=9, seed=3, reserve=8)
+
+
+def test_resume_with_other_eval_blocks_trains_the_same_blocks(tmp_path):
+    teacher, student = make_pair(tmp_path)
+    common = ("budget.steps=4", "checkpoint.every=2", "eval.every=0")
+    train(recipe(tmp_path, teacher, student, "straight", *common))  # eval.blocks 8
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", run)
+    shutil.rmtree(run / "final")  # as if stopped after the step-2 checkpoint: steps 3 and 4 run again
+    train(recipe(tmp_path, teacher, student, "resumed", *common, "eval.blocks=4"), resume=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(run)
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert json.loads((run / "checkpoints" / "step-00000002" / "state.json").read_text())["heldout_reserve"] == 8
 
 def test_learning_rate_warms_up_then_decays_to_the_minimum():
     cfg = load_recipe(TINY, ["optimizer.lr=1e-4", "optimizer.min_lr=1e-5", "optimizer.warmup_steps=40"]).optimizer
