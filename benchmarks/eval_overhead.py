@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
-def make_random_model(path: Path, hidden: int, layers: int, max_len: int) -> None:
+def make_random_model(path: Path, hidden: int, layers: int, max_len: int, dtype: str = "float32", device: str = "cpu") -> None:
     """A random Llama of the given width/depth and a lossless byte-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -71,7 +71,8 @@ def make_random_model(path: Path, hidden: int, layers: int, max_len: int) -> Non
         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), max_position_embeddings=max_len,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
+    with torch.device(device):  # a 1B model builds in seconds on a GPU, in minutes on a CPU
+        LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(path)
     fast.save_pretrained(path)
 
 
@@ -104,7 +105,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 def minitron_run(model: Path, args, batch: str, out: Path, env) -> dict:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "minitron.cli", "eval", str(model), "-o", str(out), "--data-dir", str(args.data_dir),
-           "--limit", str(args.limit), "--batch-size", batch, "--device", args.device, "--dtype", "float32",
+           "--limit", str(args.limit), "--batch-size", batch, "--device", args.device, "--dtype", args.dtype,
            "--tasks", ",".join(args.tasks)]  # fmt: skip
     wall = timed(cmd, env)
     results = json.loads(out.read_text())
@@ -129,7 +130,7 @@ def lm_eval_run(model: Path, args, batch: str, out: Path, env, groups: list[tupl
     found: dict[str, float] = {}
     for tasks, shots in groups:
         folder = out / f"{shots}-shot"
-        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype={args.dtype}",
                "--device", args.device, "--include_path", str(ROOT / "eval" / "tasks"),
                "--metadata", json.dumps({"data_dir": str(args.data_dir)}), "--tasks", tasks, "--num_fewshot", str(shots),
                "--limit", str(args.limit), "--batch_size", batch, "--output_path", str(folder)]  # fmt: skip
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="--model random: context length")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="both tools load the model in this dtype")
+    parser.add_argument("--out", type=Path, default=None, help="output path without suffix")
     parser.add_argument("--note", default="", help="what else the machine was doing (goes into the results)")
     args = parser.parse_args()
     args.data_dir = (args.data_dir or eval_data_dir()).resolve()
@@ -182,14 +185,15 @@ def main() -> None:
     # the subjects present under "mmlu" itself. Either way the same per-subject tasks run.
     mmlu_tasks = "mmlu" if len(subjects) == 57 else ",".join(f"mmlu_{s}" for s in subjects)
     groups = lm_eval_groups(args.tasks, mmlu_tasks)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep carried packages
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+           "PYTHONPATH": path}  # fmt: skip
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "random":
             model = Path(tmp) / "random-llama"
-            make_random_model(model, args.hidden, args.layers, args.max_len)
+            make_random_model(model, args.hidden, args.layers, args.max_len, args.dtype, args.device)
         else:
             from minitron.assets import teacher_path
 
@@ -227,7 +231,8 @@ def main() -> None:
     auto = next((r for r in rows if r["batch_size"] == "auto"), None)
     fixed = [r for r in rows if r["batch_size"] != "auto"]
     record = {
-        "machine": machine.describe(args.device), "note": args.note, "load_average_before": load_before,
+        "machine": machine.describe(args.device),
+        "note": args.note, "dtype": args.dtype, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "torch": torch.__version__, "lm_eval": lm_eval.__version__,
         "threads": args.threads, "model": model_text, "data_dir": str(args.data_dir),
         "mmlu_subjects": subjects, "tasks": args.tasks, "limit": args.limit, "repeats": args.repeats, "rows": rows,
@@ -235,8 +240,8 @@ def main() -> None:
         # > 1: auto is faster than the fixed batch size (minitron's in-tool time).
         "minitron_auto_vs_fixed": {r["batch_size"]: r["tool"]["minitron_s"] / auto["tool"]["minitron_s"] for r in fixed} if auto else {},
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"eval_overhead_{'cpu' if args.device == 'cpu' else 'cuda'}"
+    stem = args.out or RESULTS / f"eval_overhead_{'cpu' if args.device == 'cpu' else 'cuda'}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(record))
     print(markdown(record))
@@ -252,7 +257,7 @@ def markdown(record: dict) -> str:
         "# `minitron eval` against lm-eval's CLI",
         "",
         f"Machine: {record['machine']}" + (f"; {record['note']}" if record["note"] else "") + f". torch "
-        f"{record['torch']}, lm-eval {record['lm_eval']}, {record['threads']} threads, load average "
+        f"{record['torch']}, lm-eval {record['lm_eval']}, {record.get('dtype', 'float32')}, {record['threads']} threads, load average "
         f"{record['load_average_before'][0]:.1f} before, {record['load_average_after'][0]:.1f} after.",
         f"Model: {record['model']}. Tasks: {', '.join(task_names[t] for t in record['tasks'])}, "
         f"`--limit {record['limit']}` per task, local data "

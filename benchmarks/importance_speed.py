@@ -15,6 +15,12 @@ Run by hand (a few minutes on 2 CPU threads); writes benchmarks/results/importan
    model stays in the same RAM, so this measures the pass, not a saving), and streamed from the
    checkpoint's safetensors (``score_checkpoint``: only one layer's weights in memory). Also the largest
    difference between their scores, which must be float noise. On a GPU, peak device memory too.
+
+The GPU suite (``benchmarks/gpu/run.sh``) runs the speed part alone on the real Llama-3.1-8B shape, random
+bf16 weights built on the GPU from ``--config benchmarks/gpu/models/llama-3.1-8b``:
+
+    python benchmarks/importance_speed.py --device cuda --config benchmarks/gpu/models/llama-3.1-8b \\
+        --dtype bfloat16 --samples 8 --seq-len 4096 --batch-size 2 --parts speed --out /tmp/importance_cuda
 """
 
 from __future__ import annotations
@@ -47,8 +53,21 @@ def llama_100m():
     return LlamaForCausalLM(config).eval()
 
 
-def calibration(samples: int, seq_len: int) -> torch.Tensor:
-    return torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+def configured_model(args):
+    """Random weights of ``--config``'s shape (with ``--override key=value,...``), built on the device in ``--dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.config)
+    for item in filter(None, args.override.split(",")):
+        key, value = item.split("=", 1)
+        setattr(config, key, json.loads(value))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+
+
+def calibration(samples: int, seq_len: int, vocab: int = 32000) -> torch.Tensor:
+    return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
 
 
 def timed(fn) -> float:
@@ -65,8 +84,8 @@ def speed(args) -> dict:
     from minitron.importance import compute_scores
 
     device = torch.device(args.device)
-    model = llama_100m().to(device)
-    blocks = calibration(args.samples, args.seq_len)
+    model = configured_model(args) if args.config else llama_100m().to(device)
+    blocks = calibration(args.samples, args.seq_len, model.config.vocab_size)
     batches = [blocks[i : i + args.batch_size].to(device) for i in range(0, len(blocks), args.batch_size)]
 
     def forward():
@@ -91,6 +110,8 @@ def speed(args) -> dict:
             times[name].append(timed(fn))
     median = {name: statistics.median(t) for name, t in times.items()}
     return {
+        "model": (f"{Path(args.config).name}{' with ' + args.override if args.override else ''}, random weights, {args.dtype}"
+                  if args.config else "random Llama, hidden 768, 12 layers, 12 heads / 4 KV, ffn 2048, vocab 32000, tied, float32"),
         "params": sum(p.numel() for p in model.parameters()),
         "tokens": blocks.numel(),
         "seconds": times,
@@ -167,16 +188,16 @@ FORWARDED = ("threads", "samples", "seq_len", "batch_size", "device")
 
 
 def markdown(result: dict) -> str:
-    s, m = result["speed"], result["memory"]
+    s, m = result["speed"], result.get("memory")
     med = s["median_seconds"]
     lines = [
         "# Importance pass speed and layer-by-layer memory",
         "",
         f"Machine: {result['machine']}. Shared with other jobs (load average at start "
         f"{result['load_average'][0]:.1f}); variants interleaved, {result['args']['repeats']} repeats, medians.",
-        f"Model: random Llama, {s['params'] / 1e6:.0f}M parameters (hidden 768, 12 layers, 12 heads / 4 KV, "
-        f"ffn 2048, vocab 32000, tied). Calibration: {result['args']['samples']} × {result['args']['seq_len']} "
-        f"tokens, batch {result['args']['batch_size']}, float32. Command: `{result['command']}`",
+        f"Model: {s.get('model', 'random Llama')}, {s['params'] / 1e6:,.0f}M parameters. Calibration: "
+        f"{result['args']['samples']} × {result['args']['seq_len']} tokens, batch {result['args']['batch_size']}. "
+        f"Command: `{result['command']}`",
         "",
         "| pass | median s | tokens/s | vs forward |",
         "|---|---:|---:|---:|",
@@ -190,6 +211,10 @@ def markdown(result: dict) -> str:
         "",
         f"Importance / plain forward = **{s['importance_over_forward']:.3f}×** (goal ≤ 1.10×: {goal}); "
         f"importance / decoder-only forward (the same layers, no output head) = {s['importance_over_decoder']:.3f}×.",
+    ]
+    if m is None:
+        return "\n".join(lines) + "\n"
+    lines += [
         "",
         "| mode | seconds | peak RSS MiB | RSS before MiB | max |Δ| vs whole |",
         "|---|---:|---:|---:|---:|",
@@ -217,6 +242,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", default=None, help="model folder whose config.json gives the shape (speed part)")
+    parser.add_argument("--override", default="", help="with --config: key=value,... config changes (values in JSON)")
+    parser.add_argument("--dtype", default="float32", help="with --config: the weights' dtype")
+    parser.add_argument("--parts", default="speed,memory", help="speed, memory or both")
+    parser.add_argument("--out", type=Path, default=None, help="output path without suffix")
     parser.add_argument("--note", default="", help="what else the machine was doing (goes into the results)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -225,17 +255,21 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.checkpoint, args)))
         return
+    versions = "" if args.device.startswith("cuda") else f", torch {torch.__version__}"  # describe() names them for a GPU
     result = {
-        "machine": f"{machine.describe(args.device)}, torch threads {args.threads}" + (f"; {args.note}" if args.note else ""),
+        "machine": f"{machine.describe(args.device)}{versions}, torch threads {args.threads}"
+        + (f"; {args.note}" if args.note else ""),
         "load_average": os.getloadavg(),
         "command": " ".join(["python", "benchmarks/importance_speed.py", *sys.argv[1:]]),
-        "args": vars(args) | {"child": None, "checkpoint": None},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"child": None, "checkpoint": None},
         "speed": speed(args),
-        "memory": memory(args),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "importance_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "importance_speed.md").write_text(markdown(result))
+    if "memory" in args.parts.split(","):
+        result["memory"] = memory(args)
+    stem = args.out or RESULTS / "importance_speed"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
 

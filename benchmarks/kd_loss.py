@@ -67,14 +67,41 @@ def unavailable(impl: str, device: str) -> str | None:
     """Why ``impl`` cannot run here, or ``None`` if it can."""
     import importlib.util
 
-    if impl == "modelopt" and importlib.util.find_spec("modelopt") is None:
-        return "nvidia-modelopt is not installed"
+    if impl == "modelopt":
+        if importlib.util.find_spec("modelopt") is None:
+            return "nvidia-modelopt is not installed"
+        try:
+            modelopt_loss()
+        except Exception as error:  # noqa: BLE001 - any failure to import is a reason not to run it
+            return f"nvidia-modelopt's LogitsDistillationLoss does not import: {type(error).__name__}: {error}"
     if impl == "liger":
         if device != "cuda":
             return "Liger-Kernel's fused linear JSD is a Triton kernel: it needs a CUDA GPU"
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed (pip install liger-kernel)"
     return None
+
+
+def modelopt_loss():
+    """nvidia-modelopt's ``LogitsDistillationLoss`` class, and how it was imported.
+
+    The package import (``modelopt.torch``) pulls in its whole optimisation stack (omegaconf, pulp's 16 MB
+    solver, ...); ``distill/losses.py`` itself needs only torch. Where the package import fails, that one
+    file of the installed package is loaded on its own: the same class, unchanged.
+    """
+    try:
+        from modelopt.torch.distill.losses import LogitsDistillationLoss
+
+        return LogitsDistillationLoss, "modelopt.torch.distill.losses"
+    except ImportError as error:
+        import importlib.util
+
+        root = importlib.util.find_spec("modelopt").submodule_search_locations[0]
+        path = Path(root) / "torch" / "distill" / "losses.py"
+        spec = importlib.util.spec_from_file_location("modelopt_distill_losses", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.LogitsDistillationLoss, f"{path} alone (the package import failed: {error})"
 
 
 def make_inputs(args):
@@ -118,9 +145,7 @@ def make_step(impl: str, chunk: int, inputs, temperature: float):
             return forward_kl(hs, ws, ht, wt, temperature=temperature, chunk_size=chunk)
 
     elif impl == "modelopt":
-        from modelopt.torch.distill.losses import LogitsDistillationLoss
-
-        kd = LogitsDistillationLoss(temperature=temperature, reduction="none")  # per token, T² included
+        kd = modelopt_loss()[0](temperature=temperature, reduction="none")  # per token, T² included
 
         def loss():
             student_logits, teacher_logits = full_logits()
@@ -152,17 +177,38 @@ def worker(args) -> dict:
     inputs = make_inputs(args)
     chunk = args.chunk_size[0]
     step = make_step(args.impl, chunk, inputs, args.temperature)
+    return measure(torch, device, step, args.impl, args.tokens, chunk)
+
+
+def measure(torch, device, step, impl: str, tokens: int, chunk: int | None) -> dict:
+    """Peak memory and loss value of one step; running out of GPU memory is a result (what fusing avoids)."""
     meter = _CudaMemory() if device.type == "cuda" else _RssMemory()
     meter.start()
-    loss = step()
-    _sync(torch, device)
-    return {
-        "impl": args.impl,
-        "tokens": args.tokens,
-        "chunk_size": chunk if args.impl == "chunked" else None,
-        "peak_bytes": meter.peak(),
-        "loss": loss,
-    }
+    row = {"impl": impl, "tokens": tokens, "chunk_size": chunk if impl == "chunked" else None}
+    try:
+        loss = step()
+        _sync(torch, device)
+    except torch.OutOfMemoryError:
+        return {**row, "error": "out of memory"}
+    return {**row, "peak_bytes": meter.peak(), "loss": loss}
+
+
+def memory_worker(args, jobs: list) -> None:
+    """On a GPU, every memory measurement in this one process: the allocator's peak is reset before each
+    (``max_memory_allocated`` counts live tensors only, so what one step left cached does not count)."""
+    import torch
+
+    device = torch.device(args.device)
+    for n in sorted({n for _, n, _ in jobs}):
+        args.tokens = n
+        inputs = make_inputs(args)
+        for impl, _, chunk in (job for job in jobs if job[1] == n):
+            step = make_step(impl, chunk, inputs, args.temperature)
+            print("RESULT " + json.dumps(measure(torch, device, step, impl, n, chunk)), flush=True)
+            del step
+            inputs[0].grad = inputs[1].grad = None
+            torch.cuda.empty_cache()
+        del inputs
 
 
 def timing_worker(args) -> dict:
@@ -178,16 +224,27 @@ def timing_worker(args) -> dict:
             steps[impl if chunk is None else f"chunked/{chunk}"] = make_step(impl, chunk, inputs, args.temperature)
     wall = {name: [] for name in steps}
     cpu = {name: [] for name in steps}
+    failed = {}
     for i in range(args.warmup + args.repeats):
         for name, step in steps.items():
+            if name in failed:
+                continue
             _sync(torch, device)
             t0, c0 = time.perf_counter(), time.process_time()
-            step()
+            try:
+                step()
+            except torch.OutOfMemoryError:
+                failed[name] = "out of memory"
+                inputs[0].grad = inputs[1].grad = None
+                torch.cuda.empty_cache()
+                continue
             _sync(torch, device)
             if i >= args.warmup:
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
-    return {"tokens": args.tokens, "wall_s": wall, "cpu_s": cpu if device.type == "cpu" else None}
+    wall = {name: times for name, times in wall.items() if name not in failed}
+    cpu = {name: times for name, times in cpu.items() if name not in failed}
+    return {"tokens": args.tokens, "wall_s": wall, "cpu_s": cpu if device.type == "cpu" else None, "failed": failed}
 
 
 def _sync(torch, device):
@@ -242,6 +299,9 @@ def main(argv=None) -> None:
     if args.impl == "timing":  # we are the timing worker
         print("RESULT " + json.dumps(timing_worker(args)))
         return
+    if args.impl == "memory":  # we are the GPU's memory worker, all jobs
+        memory_worker(args, json.loads(args.jobs))
+        return
     if args.impl:  # we are a memory worker
         print("RESULT " + json.dumps(worker(args)))
         return
@@ -254,7 +314,7 @@ def main(argv=None) -> None:
     impls = [impl for impl in IMPLS if impl not in skipped]
     full_logits = [impl for impl in impls if impl in ("naive", "modelopt")]  # N × V tensors: RAM-bound
     naive_tokens = sorted(set(args.naive_tokens))
-    fused_tokens = sorted(set(naive_tokens + [args.tokens, args.time_tokens]))
+    fused_tokens = sorted(set(naive_tokens + [args.tokens, *args.time_tokens]))
     jobs = []  # (impl, tokens, chunk): each implementation beside the others at every token count
     for n in fused_tokens:
         jobs += [(impl, n, None) for impl in full_logits if n in naive_tokens]
@@ -262,17 +322,24 @@ def main(argv=None) -> None:
         if "liger" in impls:
             jobs.append(("liger", n, None))
     load_before = os.getloadavg()
-    runs, timing = [], None
+    runs, timings = [], []
     with progress() as bar:
-        task = bar.add_task("KD loss benchmark", total=len(jobs) + 1)
-        for impl, n, chunk in jobs:
+        task = bar.add_task("KD loss benchmark", total=len(jobs) + len(args.time_tokens))
+        if args.device == "cuda":  # exact per-measurement peaks in one process: no process start per job
+            bar.update(task, description=f"memory: {len(jobs)} measurements")
+            runs = run_worker(args, "memory", 0, None, jobs=jobs)
+            bar.advance(task, len(jobs))
+        for impl, n, chunk in jobs if args.device != "cuda" else []:
             bar.update(task, description=f"memory: {impl} @ {n} tokens" + (f", chunk {chunk}" if chunk else ""))
             runs.append(run_worker(args, impl, n, chunk))
             bar.advance(task)
-        bar.update(task, description=f"time: all @ {args.time_tokens} tokens, interleaved")
-        timing = run_worker(args, "timing", args.time_tokens, None, impls=impls)
-        bar.advance(task)
-    results = summarise(args, runs, timing, skipped, load_before)
+        for n in args.time_tokens:
+            bar.update(task, description=f"time: all @ {n} tokens, interleaved")
+            timings.append(run_worker(args, "timing", n, None, impls=impls))
+            bar.advance(task)
+    results = summarise(args, runs, timings, skipped, load_before)
+    if "modelopt" in impls:
+        results["modelopt_import"] = modelopt_loss()[1]
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("kd_loss" if args.device == "cpu" else "kd_loss_cuda"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
@@ -280,14 +347,17 @@ def main(argv=None) -> None:
     Console().print(markdown(results))
 
 
-def run_worker(args, impl: str, tokens: int, chunk: int | None, impls: list[str] | None = None) -> dict:
+def run_worker(args, impl: str, tokens: int, chunk: int | None, impls: list[str] | None = None, jobs=None):
     cmd = [sys.executable, __file__, "--impl", impl, "--tokens", str(tokens)]
     cmd += ["--chunk-size", *map(str, [chunk] if chunk else args.chunk_size)]
     cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--impls", *(impls or [impl])]
     for key in ("device", "dtype", "vocab", "student_hidden", "teacher_hidden", "threads"):
         cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     cmd += ["--temperature", str(args.temperature)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    if jobs is not None:
+        cmd += ["--jobs", json.dumps(jobs)]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep carried packages
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     # A fixed glibc mmap threshold: every block over 1 MiB is mapped on allocation and unmapped on free,
     # so RSS follows the live tensors instead of freed-but-kept heap (same setting for every loss).
     env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
@@ -295,6 +365,8 @@ def run_worker(args, impl: str, tokens: int, chunk: int | None, impls: list[str]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"worker {impl}@{tokens} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    if impl == "memory":
+        return [json.loads(line[len("RESULT ") :]) for line in lines]
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -304,9 +376,11 @@ def _extrapolate(measured: dict[int, int], tokens: int) -> float:
     return b1 + (b1 - b0) / (n1 - n0) * (tokens - n1)
 
 
-def summarise(args, runs: list[dict], timing: dict, skipped: dict[str, str], load_before) -> dict:
+def summarise(args, runs: list[dict], timings: list[dict], skipped: dict[str, str], load_before) -> dict:
     import torch
 
+    failed = [r for r in runs if "error" in r]
+    runs = [r for r in runs if "error" not in r]
     # Full-logit losses where they could not be run (RAM) are extrapolated, and marked so.
     full = {}
     for impl in ("naive", "modelopt"):
@@ -332,16 +406,19 @@ def summarise(args, runs: list[dict], timing: dict, skipped: dict[str, str], loa
         name = r["impl"] if r["impl"] != "chunked" else f"chunked/{r['chunk_size']}"
         losses.setdefault(str(r["tokens"]), {})[name] = r["loss"]
 
-    speed = {}
-    for name, wall in timing["wall_s"].items():
-        row = {"wall_s": statistics.median(wall)}
-        if timing["cpu_s"]:
-            row["cpu_s"] = statistics.median(timing["cpu_s"][name])
-        speed[name] = row
-    for name, row in speed.items():  # speed relative to naive: > 1 is faster
-        for kind in ("wall", "cpu"):
-            if f"{kind}_s" in row:
-                row[f"speed_vs_naive_{kind}"] = speed["naive"][f"{kind}_s"] / row[f"{kind}_s"]
+    timing = []
+    for block in timings:
+        speed = {}
+        for name, wall in block["wall_s"].items():
+            row = {"wall_s": statistics.median(wall)}
+            if block["cpu_s"]:
+                row["cpu_s"] = statistics.median(block["cpu_s"][name])
+            speed[name] = row
+        for name, row in speed.items():  # speed relative to naive: > 1 is faster
+            for kind in ("wall", "cpu"):
+                if f"{kind}_s" in row and "naive" in speed:
+                    row[f"speed_vs_naive_{kind}"] = speed["naive"][f"{kind}_s"] / row[f"{kind}_s"]
+        timing.append({"tokens": block["tokens"], "per_impl": speed, "failed": block.get("failed", {}), "raw": block})
 
     return {
         "machine": machine.describe(args.device),
@@ -370,13 +447,14 @@ def summarise(args, runs: list[dict], timing: dict, skipped: dict[str, str], loa
             "RSS high-water (VmHWM, reset via /proc/self/clear_refs) minus RSS after building the inputs, "
             "one process per measurement, MALLOC_MMAP_THRESHOLD_=1MiB"
             if args.device == "cpu"
-            else "torch.cuda.max_memory_allocated minus allocated before, one process per measurement"
+            else "torch.cuda.max_memory_allocated minus allocated before (peak reset before each), one process for all"
         ),
         "goals": {"memory_ratio_max": GOAL_MEMORY, "speed_ratio_min": GOAL_SPEED},
         "not_run": skipped,
         "memory": memory,
         "losses": losses,
-        "timing": {"tokens": timing["tokens"], "per_impl": speed, "raw": timing},
+        "timing": timing,
+        "failed": failed,
         "runs": runs,
     }
 
@@ -418,33 +496,41 @@ def markdown(r: dict) -> str:
         ok = mark(m["ratio"] <= r["goals"]["memory_ratio_max"]) if at_goal else ""
         lines.append(f"| {m['tokens']:,} | {name} | {peak(m, 'naive')} | {peak(m, 'modelopt')} | "
                      f"{m['fused_bytes'] / gib:.2f} | {ratio} | {ok} |")  # fmt: skip
-    t = r["timing"]
-    lines += [
-        "",
-        f"Time of one forward + backward at {t['tokens']:,} tokens: one process, implementations in turn, "
-        f"{s['warmup']} warm-up + {s['repeats']} rounds, medians. Speed = naive time / this time "
-        f"(goal for minitron's chunked loss ≥ {r['goals']['speed_ratio_min']}×).",
-        "",
-        "| implementation | wall s | speed (wall) | CPU s | speed (CPU) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, row in t["per_impl"].items():
-        goal = name.startswith("chunked/")  # the goal is about minitron's loss
-        label = f"minitron chunked, chunk {name.split('/')[1]}" if goal else name
+    for t in r["timing"]:
+        lines += [
+            "",
+            f"Time of one forward + backward at {t['tokens']:,} tokens: one process, implementations in turn, "
+            f"{s['warmup']} warm-up + {s['repeats']} rounds, medians. Speed = naive time / this time "
+            f"(goal for minitron's chunked loss ≥ {r['goals']['speed_ratio_min']}×).",
+            "",
+            "| implementation | wall s | speed (wall) | CPU s | speed (CPU) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, row in t["per_impl"].items():
+            goal = name.startswith("chunked/")  # the goal is about minitron's loss
+            label = f"minitron chunked, chunk {name.split('/')[1]}" if goal else name
 
-        def speed(kind):
-            if f"speed_vs_naive_{kind}" not in row:
-                return "—"
-            value = row[f"speed_vs_naive_{kind}"]
-            return f"{value:.2f}×" + (f" {mark(value >= r['goals']['speed_ratio_min'])}" if goal else "")
+            def speed(kind, row=row, goal=goal):
+                if f"speed_vs_naive_{kind}" not in row:
+                    return "—"
+                value = row[f"speed_vs_naive_{kind}"]
+                return f"{value:.2f}×" + (f" {mark(value >= r['goals']['speed_ratio_min'])}" if goal else "")
 
-        cpu_s = f"{row['cpu_s']:.2f}" if "cpu_s" in row else "—"
-        lines.append(f"| {label} | {row['wall_s']:.2f} | {speed('wall')} | {cpu_s} | {speed('cpu')} |")
+            cpu_s = f"{row['cpu_s']:.2f}" if "cpu_s" in row else "—"
+            lines.append(f"| {label} | {row['wall_s']:.4f} | {speed('wall')} | {cpu_s} | {speed('cpu')} |")
+        lines += [f"| {name} | failed: {why} | | | |" for name, why in t["failed"].items()]
     names = sorted({name for values in r["losses"].values() for name in values})
     lines += ["", "Loss values of the memory runs (the implementations agree):", "",
               "| tokens | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]  # fmt: skip
     for n, values in sorted(r["losses"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {int(n):,} | " + " | ".join(f"{values[k]:.6f}" if k in values else "—" for k in names) + " |")
+    if r.get("modelopt_import"):
+        lines += ["", f"nvidia-modelopt's loss imported from {r['modelopt_import']}."]
+    if r.get("failed"):
+        lines += ["", "Failed memory runs:"] + [
+            f"- {f['impl']}{' chunk ' + str(f['chunk_size']) if f['chunk_size'] else ''} @ {f['tokens']:,} tokens: "
+            f"{f['error']}." for f in r["failed"]
+        ]  # fmt: skip
     if r["not_run"]:
         lines += ["", "Not run here:"] + [f"- {impl}: {why}." for impl, why in r["not_run"].items()]
     lines += ["", "Raw runs: `kd_loss.json` beside this file.", ""]
@@ -459,7 +545,7 @@ def parse(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="the token count the memory goal is about")
     p.add_argument("--naive-tokens", type=int, nargs="+", default=[1024, 2048],
                    help="token counts at which the full-logit losses run (~3.5 GiB per 1k tokens at 128k vocab)")  # fmt: skip
-    p.add_argument("--time-tokens", type=int, default=2048, help="token count of the timed comparison")
+    p.add_argument("--time-tokens", type=int, nargs="+", default=[2048], help="token counts of the timed comparison")
     p.add_argument("--student-hidden", type=int, default=256)
     p.add_argument("--teacher-hidden", type=int, default=384)
     p.add_argument("--chunk-size", type=int, nargs="+", default=[256, 1024], help="one or more chunk sizes")
@@ -469,7 +555,8 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--note", default="", help="what else the machine was doing (goes into the results)")
     p.add_argument("--out", type=Path, default=None, help="output path without suffix")
-    p.add_argument("--impl", choices=[*IMPLS, "timing"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=[*IMPLS, "timing", "memory"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--jobs", default=None, help=argparse.SUPPRESS)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -311,6 +311,12 @@ def parallelize(distiller: Distiller, world: World, precision: str) -> Distiller
     """
     if world.size == 1:
         return distiller
+    return shard(distiller, precision)
+
+
+def shard(distiller: Distiller, precision: str) -> Distiller:
+    """FSDP2 as :func:`parallelize` applies it; needs an initialised process group (one process is enough:
+    the GPU suite checks a one-process sharded step against the plain one)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(
