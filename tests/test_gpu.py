@@ -161,3 +161,33 @@ def test_one_process_fsdp2_step_equals_the_plain_step():
             torch.testing.assert_close(w_sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+# --- --search-steps on a half-precision candidate: float32 master weights -----------------------------------------
+
+
+def test_short_distillation_of_a_bf16_candidate_on_the_device_moves_every_weight():
+    """A GPU search prunes candidates in the teacher's bf16; at the search learning rate an AdamW step on bf16
+    weights rounds away (norm weights near 1 have an ulp of 2⁻⁷). ``short_distill`` steps float32 masters
+    under bf16 autocast: every tensor moves, along the float32 run's update."""
+    import copy
+
+    from minitron.search_scoring import short_distill
+
+    teacher = tiny_model("llama", initializer_range=0.3).to(DEVICE, torch.bfloat16)
+    student = tiny_model("llama", seed=1, initializer_range=0.3, num_hidden_layers=2).to(DEVICE, torch.bfloat16)
+    start = {name: p.detach().float().clone() for name, p in student.named_parameters()}
+    reference, teacher32 = copy.deepcopy(student).float(), copy.deepcopy(teacher).float()
+    ids = batch(rows=8, seq=16)
+    short_distill(student, teacher, ids, steps=3, lr=1e-4, batch_size=4, seed=0)
+    short_distill(reference, teacher32, ids, steps=3, lr=1e-4, batch_size=4, seed=0)
+    assert all(p.dtype == torch.float32 and p.device.type == DEVICE.type for p in student.parameters())
+    trained = dict(reference.named_parameters())
+    for name, p in student.named_parameters():
+        moved, expected = p.detach() - start[name], trained[name].detach() - start[name]
+        # Norm weights near 1 are what bf16 steps froze: every one moves. Elsewhere, rows of tokens absent from
+        # the training tokens get no gradient, and a float32 weight whose gradient is tiny can still round its
+        # 1e-4-scaled update away: nearly all move.
+        share = (moved != 0).float().mean().item()
+        assert share == 1.0 if "norm" in name else share > (0.1 if "embed" in name else 0.99), (name, share)
+        assert torch.nn.functional.cosine_similarity(moved.flatten(), expected.flatten(), dim=0) > 0.9, name
