@@ -1,45 +1,216 @@
 """Writing artifacts safely: everything goes to a temporary sibling and is renamed into place at the end,
-so an interrupted or failed run never leaves a half-written checkpoint, scores file or report behind."""
+so an interrupted or failed run never leaves a half-written checkpoint, scores file or report behind.
+
+Three promises live here, for every verb:
+
+* **The destination is checked first** (:func:`check_output_dir`): an existing output is refused unless
+  overwritten, the nearest existing ancestor must be a writable folder, and where the caller knows the size
+  of the result, the free space must hold it. All of it before any computation.
+* **Nothing half-written is ever visible** (:func:`atomic_dir`, :func:`atomic_file`): the result is built in
+  ``.<name>.tmp-<pid>-<host>-<random>`` beside the output and renamed onto it at the end; a replaced output
+  is moved aside to ``.<name>.old-<pid>-<host>-<random>`` for the instant of the swap.
+* **A killed run's siblings are cleaned up** (:func:`clear_leftovers`): ``kill -9`` runs no cleanup code, so
+  the next run that writes the same output removes the siblings whose process is gone (one ``note:`` line
+  each). The pid and a hash of the host name in the name tell a dead writer from a live one: a sibling of a
+  run still in progress (here, or on another machine sharing the folder) is never touched.
+
+Files and folders get the user's umask (0755/0644 typically), like any other tool's: teams share checkpoints.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
+import re
+import secrets
 import shutil
+import signal
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from minitron.errors import UserError
 
+# Room left on top of the known size: file-system blocks, headers, the model card and config beside weights.
+_SPACE_MARGIN = 1.02
+_SIBLING = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]+")
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; called before any expensive work starts."""
+
+def note(message: str) -> None:
+    """One ``note:`` line on stderr: something the user should know that is not an error."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# --- the destination, checked before any work ------------------------------------------------------------------
+
+
+def check_output_dir(out: str | Path, overwrite: bool, *, size: int | None = None) -> Path:
+    """Refuse an output that cannot be written, before any expensive work starts.
+
+    Refused: an existing ``out`` (unless ``overwrite``), a path below a file, a folder this process cannot
+    create files in (read-only mount, permissions), and, given ``size`` (bytes of the result), too little
+    free space. Returns ``out`` as a :class:`~pathlib.Path`.
+    """
     out = Path(out)
+    clear_leftovers(out)
     if out.exists() and not overwrite:
         raise UserError("output already exists", where=str(out), fix="choose another path or pass --overwrite")
+    check_writable(out, size=size)
     return out
 
 
+def check_writable(out: str | Path, *, size: int | None = None) -> None:
+    """Refuse ``out`` if it could not be created: a path below a file, a folder this process cannot create
+    files in (read-only mount, permissions), or, given ``size`` in bytes, too little free space."""
+    out = Path(out)
+    base = _nearest_existing(out.parent)
+    if not base.is_dir():
+        raise UserError(
+            f"cannot create {out.name}: {base} is a file, not a folder", where=str(out), fix="choose another path"
+        )
+    if not _can_create_in(base):
+        raise UserError(
+            "cannot write here (read-only file system or no permission)", where=str(base),
+            fix="choose a folder you can write to",
+        )  # fmt: skip
+    if size:
+        free = shutil.disk_usage(base).free
+        # Overwriting frees the old output only after the new one is complete: it does not count as free.
+        if free < size * _SPACE_MARGIN:
+            raise UserError(
+                f"not enough free space: the result needs about {_gb(size)}, {_gb(free)} free",
+                where=str(base), fix="free some space or choose another disk",
+            )  # fmt: skip
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    # Trying is the only test that holds for root (who ignores permission bits but not a read-only mount),
+    # ACLs and network file systems alike. An unnamed temporary file (O_TMPFILE on Linux) leaves no trace.
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+# --- temporary siblings ----------------------------------------------------------------------------------------
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def sibling(out: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``out`` that records who made it: ``.<name>.<kind>-<pid>-<host>-<random>``."""
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{_host()}-{secrets.token_hex(4)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clear_leftovers(out: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` whose writer is dead; put back an ``.old-`` one if ``out`` is
+    missing (the writer died in the middle of replacing it). Returns what was removed or restored."""
+    out = Path(out)
+    prefix = f".{out.name}."
+    try:
+        entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:  # no parent yet, or not a folder: nothing of ours can be there
+        return []
+    found = []
+    for path in sorted(entries):
+        match = _SIBLING.fullmatch(path.name[len(prefix) - 1 :])
+        if match is None or match["host"] != _host():
+            continue  # not ours, or written from another machine: its pid means nothing here
+        pid = int(match["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if match["kind"] == "old" and not out.exists() and not out.is_symlink():
+            os.replace(path, out)
+            note(f"restored {out} from {path.name}, left by a run (pid {pid}) killed while replacing it")
+        else:
+            _remove(path)
+            note(f"removed {path.name} beside {out}: left by a run (pid {pid}) that was killed")
+        found.append(path)
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _new_dir(out: Path) -> Path:
+    tmp = sibling(out, "tmp")
+    tmp.mkdir()  # the umask applies (tempfile.mkdtemp would make it 0700)
+    return tmp
+
+
+def _new_file(out: Path) -> Path:
+    tmp = sibling(out, "tmp")
+    # O_EXCL as mkstemp, but mode 0666 less the umask instead of mkstemp's 0600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not out.is_dir() or out.is_symlink():
+        os.replace(tmp, out)  # atomic by itself (a file, a link, or nothing yet)
+        return
+    # A folder cannot be renamed over a folder: the old one is moved aside first, and Ctrl-C or SIGTERM wait
+    # until both renames are done, so that only kill -9 can fall between them (clear_leftovers mends that).
+    old = sibling(out, "old")
+    with _signals_held():
+        os.replace(out, old)
+        os.replace(tmp, out)
+    _remove(old)
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def _signals_held() -> Iterator[None]:
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False, *, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it is removed."""
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, size=size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_dir(out)
     try:
         yield tmp
-        if out.exists():
-            # Move the old one aside first so that no moment exists without a complete artifact.
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
@@ -48,12 +219,10 @@ def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``out``; renamed onto ``out`` on success, removed on error."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_file(out)
     try:
         yield tmp
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -15,7 +15,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from minitron.errors import EXIT_USER_ERROR, UserError
+from minitron.errors import (
+    EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR, Terminated, UserError, terminate_as_interrupt,
+)  # fmt: skip
 
 app = typer.Typer(
     name="minitron",
@@ -275,15 +277,18 @@ def quickstart(
 
 
 def main() -> None:
-    """Console-script entry: user errors become one line on stderr and exit code 2."""
+    """Console-script entry: user errors become one line on stderr and exit code 2; Ctrl-C and SIGTERM
+    unwind (temporary outputs removed) and exit 130 and 143."""
+    terminate_as_interrupt()
     try:
         app()
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {e.line()}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: nothing was written")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signal = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        err_console.print(f"[bold red]interrupted[/] ({signal}): no half-written output was left", highlight=False)
+        sys.exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from minitron.artifacts import atomic_dir, atomic_file, versions
+from minitron.artifacts import atomic_dir, atomic_file, note, versions
 from minitron.errors import UserError
 from minitron.losses import HiddenStateLoss, combine_losses, forward_kl, layer_outputs, lm_loss, output_head
 from minitron.recipe import Data, Optimizer, Recipe, check_inputs
@@ -46,6 +46,9 @@ METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
 # Keys of a recipe that may change between a run and its resume: they do not change what is computed.
 _RESUMABLE_CHANGES = ("eval", "checkpoint", "output")
+# Optimizer keys that may change on resume: what a user lowers or raises to recover from divergence. They
+# apply from the resumed step on (the schedule is recomputed with them) and are recorded in metrics.jsonl.
+_RESUMABLE_OPTIMIZER = ("lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "grad_clip")
 
 
 # --- processes ------------------------------------------------------------------------------------------------
@@ -283,12 +286,16 @@ class Distiller(nn.Module):
             )  # fmt: skip
         if self.teacher is None:  # LM-only training (teacher correction)
             total = self.loss.lm * lm
-            return {"total": total, "lm": lm.detach(), "kd": torch.zeros_like(total)}
+            flags = torch.stack([_nonfinite(student.last_hidden_state), torch.zeros((), device=total.device)])
+            return {"total": total, "lm": lm.detach(), "kd": torch.zeros_like(total), "nonfinite": flags}
 
         with torch.no_grad():
             teacher, teacher_states = layer_outputs(
                 self.teacher.base_model, want_states, input_ids=inputs, use_cache=False
             )
+        # Which side went non-finite, should the loss: a bad teacher is not fixed by a lower learning rate. A
+        # reduction over the final states costs little beside the forward and needs no host synchronisation.
+        flags = torch.stack([_nonfinite(student.last_hidden_state), _nonfinite(teacher.last_hidden_state)])
         teacher_head, teacher_divisor = output_head(self.teacher)
         kd = forward_kl(
             student.last_hidden_state, student_head, teacher.last_hidden_state, teacher_head,
@@ -299,7 +306,12 @@ class Distiller(nn.Module):
             loss(student_states[s], teacher_states[t], normalizer=normalizer)
             for loss, (s, t) in zip(self.hidden_losses, self.pairs)
         ] if want_states else []  # fmt: skip
-        return combine_losses(kd, lm=lm, hidden=hidden, kd_weight=self.loss.kd, lm_weight=self.loss.lm)
+        out = combine_losses(kd, lm=lm, hidden=hidden, kd_weight=self.loss.kd, lm_weight=self.loss.lm)
+        return {**out, "nonfinite": flags}
+
+
+def _nonfinite(states: Tensor) -> Tensor:
+    return (~torch.isfinite(states)).any().float()
 
 
 def parallelize(distiller: Distiller, world: World, precision: str) -> Distiller:
@@ -379,6 +391,19 @@ def make_optimizer(model: nn.Module, cfg: Optimizer, total_steps: int):
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr)
     return optimizer, scheduler
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: Optimizer, step: int, total_steps: int) -> None:
+    """Put the recipe's optimizer settings into an optimizer and schedule restored from a checkpoint (which
+    hold the settings they were saved with): a resume may lower the learning rate to recover from divergence.
+    From ``step`` on, the schedule is the one the new settings give; Adam's moments carry on unchanged."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.lr_lambdas = [lambda s: lr_at(s, cfg, total_steps) / cfg.lr] * len(optimizer.param_groups)
+    for group, decays in zip(optimizer.param_groups, (True, False)):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = lr_at(step, cfg, total_steps)
+        group["weight_decay"] = cfg.weight_decay if decays else 0.0
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def lr_at(step: int, cfg: Optimizer, total_steps: int) -> float:
@@ -529,26 +554,67 @@ def _restore_rng(path: Path, world: World) -> None:
 # --- the run folder -------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, world: World) -> Path:
-    """Refuse to clobber an earlier run unless asked, and keep a resumed run on its original recipe."""
+def check_run_dir(recipe: Recipe, resume: bool) -> dict[str, Any]:
+    """Decide what happens to the run folder, writing nothing: refuse to clobber an earlier run unless asked,
+    refuse ``--resume`` with no run to resume, and keep a resumed run on its original recipe.
+
+    Returns the recipe keys that changed since the run being resumed (``{"optimizer.lr": [old, new]}``):
+    only those that do not change what was computed so far, and the optimizer settings a user lowers to
+    recover from a diverging run (:data:`_RESUMABLE_OPTIMIZER`).
+    """
+    from minitron.artifacts import check_writable
+
     run_dir = Path(recipe.output.dir)
     saved = run_dir / RECIPE
+    if resume:
+        if not run_dir.exists():
+            raise UserError(
+                "nothing to resume: the run folder does not exist",
+                where=f"output.dir {run_dir}", fix="drop --resume to start the run, or point output.dir at it",
+            )  # fmt: skip
+        if not saved.is_file():
+            raise UserError(
+                f"nothing to resume: no {RECIPE} in the folder (not a minitron distill run)",
+                where=f"output.dir {run_dir}", fix="drop --resume and choose another output.dir",
+            )  # fmt: skip
+        check_writable(run_dir / RECIPE)
+        return _changes(Recipe.model_validate(_yaml(saved)), recipe, saved)
+    if run_dir.exists() and not recipe.output.overwrite:
+        raise UserError(
+            "run folder already exists",
+            where=f"output.dir {run_dir}",
+            fix="pass --resume to continue it, output.overwrite=true to replace it, or another output.dir",
+        )
+    check_writable(run_dir, size=_run_bytes(recipe))
+    return {}
+
+
+def _run_bytes(recipe: Recipe) -> int:
+    """Roughly what a run writes: the final student, and the checkpoints kept (float32 weights and Adam's
+    two moments: 12 bytes per parameter each)."""
+    from minitron.families import Shape, read_config
+
+    with contextlib.suppress(UserError, OSError, KeyError, TypeError, ValueError):
+        params = Shape.from_config(read_config(recipe.student.path)).counts()["total"]
+        kept = recipe.checkpoint.keep if recipe.checkpoint.every else 0
+        return params * ((2 if recipe.precision == "bf16" else 4) + 12 * kept)
+    return 0  # a hub student: its size is not known without downloading it
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, world: World) -> Path:
+    """Create (or, with ``output.overwrite``, replace) the run folder and save the recipe in it; called once
+    everything that can be refused has been checked (:func:`check_run_dir` and the inputs)."""
+    run_dir = Path(recipe.output.dir)
     existed = run_dir.exists()
     barrier(world)  # every process has looked before the main one creates or deletes: all decide alike
-    if existed and not resume:
-        if not recipe.output.overwrite:
-            raise UserError(
-                "run folder already exists",
-                where=f"output.dir {run_dir}",
-                fix="pass --resume to continue it, output.overwrite=true to replace it, or another output.dir",
-            )
-        if world.main:
-            shutil.rmtree(run_dir)
-    elif resume and saved.is_file():
-        _same_recipe(Recipe.model_validate(_yaml(saved)), recipe, saved)
     if world.main:
+        if existed and not resume:
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(saved, overwrite=True) as tmp:
+        # A save killed half-way leaves a hidden temporary checkpoint folder: nothing else will remove it.
+        for leftover in (run_dir / CHECKPOINTS).glob(".step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        with atomic_file(run_dir / RECIPE, overwrite=True) as tmp:
             tmp.write_text(recipe.to_yaml())
     barrier(world)
     return run_dir
@@ -560,15 +626,31 @@ def _yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-def _same_recipe(old: Recipe, new: Recipe, where: Path) -> None:
+def _changes(old: Recipe, new: Recipe, where: Path) -> dict[str, list[Any]]:
     before, after = old.model_dump(by_alias=True), new.model_dump(by_alias=True)
+    changed = {}
     for key in before:
-        if key not in _RESUMABLE_CHANGES and before[key] != after[key]:
-            raise UserError(
-                f"the recipe's {key!r} section differs from the run being resumed",
-                where=str(where),
-                fix=f"resume with the same {key} (only {', '.join(_RESUMABLE_CHANGES)} may change), or start a new run",
-            )
+        if key == "optimizer":
+            for name in before[key]:
+                if before[key][name] != after[key][name]:
+                    if name not in _RESUMABLE_OPTIMIZER:
+                        raise UserError(
+                            f"optimizer.{name} differs from the run being resumed",
+                            where=str(where),
+                            fix=f"resume with the same optimizer.{name} (of the optimizer only "
+                            f"{', '.join(_RESUMABLE_OPTIMIZER)} may change), or start a new run",
+                        )
+                    changed[f"optimizer.{name}"] = [before[key][name], after[key][name]]
+        elif before[key] != after[key]:
+            if key not in _RESUMABLE_CHANGES:
+                raise UserError(
+                    f"the recipe's {key!r} section differs from the run being resumed",
+                    where=str(where),
+                    fix=f"resume with the same {key} (only {', '.join((*_RESUMABLE_CHANGES, 'optimizer.lr'))} "
+                    "and the like may change), or start a new run",
+                )
+            changed[key] = [before[key], after[key]]
+    return changed
 
 
 class Metrics:
@@ -586,7 +668,16 @@ class Metrics:
     def write(self, **record: Any) -> None:
         if self.main:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite_record(record), allow_nan=False) + "\n")
+
+
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with every NaN or infinity replaced by ``null`` and named in ``"nonfinite"``: ``NaN`` is not
+    JSON, and jq, pandas and most JSON readers refuse a file holding it."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
 
 
 # --- one step, one evaluation ---------------------------------------------------------------------------------
@@ -596,7 +687,7 @@ def train_step(model: Distiller, optimizer, batches: list[Tensor], recipe: Recip
     """Forward and backward over the step's micro-batches, then the finite checks; no optimizer step yet."""
     predicted = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     normalizer = all_sum(torch.tensor(float(predicted), device=world.device), world).item()
-    sums = torch.zeros(4, device=world.device)
+    sums = torch.zeros(6, device=world.device)
     for i, batch in enumerate(batches):
         if world.size > 1:  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(batches) - 1)
@@ -606,15 +697,21 @@ def train_step(model: Distiller, optimizer, batches: list[Tensor], recipe: Recip
         # global normaliser expects.
         (out["total"] * world.size).backward()
         zero = torch.zeros((), device=world.device)
-        sums += torch.stack([out["total"].detach(), out["kd"], out.get("lm", zero), out.get("hidden", zero)])
+        sums += torch.cat([
+            torch.stack([out["total"].detach(), out["kd"], out.get("lm", zero), out.get("hidden", zero)]),
+            out["nonfinite"],
+        ])  # fmt: skip
     all_sum(sums, world)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = recipe.optimizer.grad_clip or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
-    loss, kd, lm, hidden = sums.tolist()
-    return {"loss": loss, "kl": kd, "lm": lm, "hidden": hidden, "grad_norm": float(grad_norm)}
+    loss, kd, lm, hidden, student_bad, teacher_bad = sums.tolist()
+    return {
+        "loss": loss, "kl": kd, "lm": lm, "hidden": hidden, "grad_norm": float(grad_norm),
+        "nonfinite_student": student_bad > 0, "nonfinite_teacher": teacher_bad > 0,
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -650,13 +747,16 @@ def train(recipe: Recipe, *, resume: bool = False, trust_remote_code: bool = Fal
 def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: bool, command: str | None) -> Path:
     from minitron.report_console import progress
 
-    # setup: everything that can be refused is refused before weights are loaded or text tokenized.
-    student_config, _, tokenizer = check_inputs(recipe, trust_remote_code=trust_remote_code)
+    # setup: everything that can be refused is refused before the run folder is created or touched, so that
+    # a corrected rerun is never blocked by the debris of a refused one; the cheap checks come first.
+    student_config, teacher_config, tokenizer = check_inputs(recipe, trust_remote_code=trust_remote_code)
+    _check_context(recipe, student_config, teacher_config)
     accumulation = recipe.batch.accumulation_for(world.size)
     total_steps = recipe.steps()
-    run_dir = prepare_run_dir(recipe, resume, world)
-    if resume and (run_dir / FINAL / "config.json").is_file():
-        return run_dir / FINAL  # finished before, with this very recipe (prepare_run_dir compared them)
+    changes = check_run_dir(recipe, resume)
+    run_dir = Path(recipe.output.dir)
+    if resume and (run_dir / FINAL / "config.json").is_file() and not changes:
+        return run_dir / FINAL  # finished before, with this very recipe
     _seed_everything(recipe.seed)
 
     data = Blocks(
@@ -666,6 +766,7 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
     heldout = data.evaluation(recipe.batch.micro, world)
     model = load_models(recipe, world, trust_remote_code)
     optimizer, scheduler = make_optimizer(model, recipe.optimizer, total_steps)
+    run_dir = prepare_run_dir(recipe, resume, world)
 
     step, tokens = 0, 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -673,7 +774,12 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, world)
         step, tokens = state["step"], state["tokens"]
         _restore_rng(checkpoint, world)
+        apply_optimizer_settings(optimizer, scheduler, recipe.optimizer, step, total_steps)
+    elif resume and world.main:
+        note(f"{run_dir} has no checkpoint yet: the run starts again from step 0")
     metrics = Metrics(run_dir / METRICS, world, resume_step=step if checkpoint is not None else None)
+    if changes:
+        metrics.write(step=step, tokens=tokens, resumed_with_changes=changes)
     if step == 0:
         metrics.write(step=0, tokens=0, **evaluate(model, heldout, recipe, world))
     last_eval: dict[str, float] = {}
@@ -689,15 +795,11 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
             batches = data.step(step, recipe.batch.global_, recipe.batch.micro, world)
             assert len(batches) == accumulation  # the batch arithmetic was checked at setup
             stats = train_step(model, optimizer, batches, recipe, world)
-            if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
-                done = latest_checkpoint(run_dir)
-                raise UserError(
-                    f"non-finite loss {stats['loss']} / gradient norm {stats['grad_norm']} at step {step + 1}",
-                    where=str(run_dir),
-                    fix=f"nothing was stepped; last checkpoint {done.name if done else '(none)'} is intact: "
-                    "lower optimizer.lr or raise warm-up, then rerun with --resume",
-                )
             lr = optimizer.param_groups[0]["lr"]
+            if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])) or stats["nonfinite_teacher"]:
+                metrics.write(step=step + 1, tokens=tokens, lr=lr, **stats)
+                raise _non_finite(stats, step + 1, recipe, run_dir)
+            del stats["nonfinite_student"], stats["nonfinite_teacher"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -721,6 +823,44 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
     final = save_final(run_dir, model, student_config, tokenizer, recipe, world, tokens=tokens, steps=step,
                        metrics=last_eval, command=command)  # fmt: skip
     return final
+
+
+def _check_context(recipe: Recipe, student_config: Any, teacher_config: Any | None) -> None:
+    """``data.seq_len`` must fit both models' context: beyond it, positions the models never saw are trained on."""
+    for who, config in (("student", student_config), ("teacher", teacher_config)):
+        context = getattr(config, "max_position_embeddings", None) if config is not None else None
+        if isinstance(context, int) and recipe.data.seq_len > context:
+            raise UserError(
+                f"data.seq_len {recipe.data.seq_len} is longer than the {who}'s context ({context} tokens)",
+                where="data.seq_len", fix=f"set data.seq_len to at most {context}",
+            )  # fmt: skip
+
+
+def _non_finite(stats: dict[str, Any], step: int, recipe: Recipe, run_dir: Path) -> UserError:
+    """The error for a step whose loss or gradient is not finite, saying whose fault it is and what to do."""
+    done = latest_checkpoint(run_dir)
+    kept = f"checkpoint {done.name} is intact" if done else "there is no checkpoint yet (the resume starts at step 0)"
+    if stats["nonfinite_teacher"]:
+        return UserError(
+            f"the teacher's output is not finite (NaN or inf) at step {step}: its weights or this data are bad, "
+            "which no learning rate fixes",
+            where=f"teacher.path {recipe.teacher.path if recipe.teacher else None}",
+            fix="check the teacher alone (`minitron eval` on it; a float16 checkpoint can overflow: use its "
+            f"bfloat16 or float32 weights) and the data; nothing was stepped and {kept}",
+        )  # fmt: skip
+    cause = "its output is not finite" if stats["nonfinite_student"] else (
+        f"loss {stats['loss']}, gradient norm {stats['grad_norm']}")  # fmt: skip
+    lower = [f"optimizer.lr={recipe.optimizer.lr / 2:.3g}"]
+    if recipe.optimizer.min_lr > recipe.optimizer.lr / 2:
+        lower.append(f"optimizer.min_lr={recipe.optimizer.lr / 20:.3g}")
+    teacher = ", the teacher's output is finite" if recipe.teacher is not None else ""
+    return UserError(
+        f"the student diverged at step {step} ({cause}{teacher})",
+        where=str(run_dir),
+        fix=f"nothing was stepped and {kept}: resume with a lower learning rate, "
+        f"`minitron distill {run_dir / RECIPE} --resume {' '.join(lower)}` (a longer optimizer.warmup_steps "
+        "or a smaller optimizer.grad_clip also help)",
+    )  # fmt: skip
 
 
 def _seed_everything(seed: int) -> None:

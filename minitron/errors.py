@@ -29,3 +29,25 @@ class UserError(Exception):
             parts.append(self.fix)
         # One line, always: a newline inside a message would break log parsers and the contract.
         return " — ".join(p.replace("\n", " ") for p in parts)
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds exactly as Ctrl-C does: every temporary
+    output is removed by the code that made it, and the exit code is 143 instead of 130."""
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM (``kill``, a batch scheduler's time limit, ``torchrun`` stopping its workers) clean up
+    like Ctrl-C. Only the main thread can install handlers; elsewhere this does nothing."""
+    import signal
+    import threading
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)

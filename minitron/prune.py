@@ -387,6 +387,7 @@ def prune_checkpoint(
 
     entries = [(item.name, stored[item.source].dtype, plan.student.tensor_shape(item.spec)) for item in items]
     sizes = [math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in entries]
+    check_output_dir(out, overwrite, size=sum(sizes))
     shards = _shards(sizes, max_shard_bytes)
     names = (
         ["model.safetensors"]
@@ -500,7 +501,11 @@ def run(
         raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to see the shape only")
     check_output_dir(out, overwrite)
     src = local_checkpoint(model)
-    teacher_index(src)  # a corrupt checkpoint is refused before an hour of calibration, not after
+    stored = teacher_index(src)  # a corrupt checkpoint is refused before an hour of calibration, not after
+    # The student's bytes at the teacher's bytes per parameter: known before calibration chooses what stays.
+    stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
+    stored_params = sum(math.prod(t.shape) for t in stored.values())
+    check_output_dir(out, overwrite, size=student.counts()["total"] * stored_bytes // max(1, stored_params))
     if calibration is None:
         # Made now, before any weight is read, so that missing scores are reported at once.
         plan = make_plan(teacher, student, scores, drop_layers)

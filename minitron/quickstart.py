@@ -27,7 +27,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -144,28 +143,26 @@ def training_text(cache: Path | None = None) -> Path:
 
 @contextlib.contextmanager
 def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Create ``out``; remove it if anything fails, putting back an older one that ``overwrite`` replaced.
+    """A temporary sibling of ``out`` to build in, renamed onto ``out`` when the body ends without error, and
+    removed if it fails or is interrupted (:func:`~minitron.artifacts.atomic_dir`).
 
-    Not :func:`~minitron.artifacts.atomic_dir` (a temporary sibling renamed at the end): the stages record
-    paths in what they write (model cards, the distillation recipe, results lineage), and those must name
-    the final folder, not a temporary one.
+    The stages record paths in what they write (model cards, the distillation recipe, results lineage), and
+    while the run lasts those name the temporary folder. Just before the rename they are rewritten to name
+    ``out``: the sibling's name (``.<name>.tmp-<pid>-<host>-<random>``) occurs nowhere else, so replacing it
+    in the text files cannot touch anything but those paths.
     """
-    from minitron.artifacts import check_output_dir
+    from minitron.artifacts import atomic_dir
 
-    out = check_output_dir(out, overwrite)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-    if old is not None:
-        os.replace(out, old)
-    out.mkdir(parents=True)
-    try:
-        yield out
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    with atomic_dir(out, overwrite) as tmp:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.suffix in _TEXT_SUFFIXES and path.is_file():
+                text = path.read_text(encoding="utf-8")
+                if tmp.name in text:
+                    path.write_text(text.replace(tmp.name, out.name), encoding="utf-8")
+
+
+_TEXT_SUFFIXES = (".json", ".jsonl", ".yaml", ".md", ".html")
 
 
 @contextlib.contextmanager
@@ -316,8 +313,9 @@ def run(
     """Run the whole pipeline into ``out``; returns (and writes as ``out/summary.json``) the summary.
 
     ``overrides`` are :class:`Settings` fields, e.g. ``run("qs", steps=60, eval_limit=4)``. ``teacher``
-    defaults to the bundled one. ``out`` is refused if it exists (unless ``overwrite``) before any work, and
-    removed again if any stage fails, so no half-written folder is left behind.
+    defaults to the bundled one. ``out`` is refused if it exists (unless ``overwrite``) or cannot be written,
+    before any work; it is built in a temporary sibling renamed onto ``out`` at the end, so a failed or
+    interrupted run leaves no half-written folder behind (and an overwritten one stays whole until then).
     """
     from rich.console import Console
 
@@ -367,6 +365,8 @@ def run(
         record["leaderboard"] = stage(5, "report", "leaderboard Markdown + HTML", lambda: report_stage(layout))
         timings["total"] = round(time.perf_counter() - started, 1)
         record["seconds"] = timings
+        # The paths as they will be after the rename (output_folder rewrites those in the files alike).
+        record = json.loads(json.dumps(record).replace(root.name, out.name))
         layout.summary.write_text(json.dumps(record, indent=2) + "\n")
     for line in summary_lines(record):
         console.print(line, highlight=False)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -219,8 +220,10 @@ def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
 def test_resume_refuses_a_changed_recipe(tmp_path):
     teacher, student = make_pair(tmp_path)
     train(recipe(tmp_path, teacher, student, "run", "budget.steps=2"))
-    with pytest.raises(UserError, match="'optimizer' section differs"):
-        train(recipe(tmp_path, teacher, student, "run", "budget.steps=2", "optimizer.lr=1e-2"), resume=True)
+    with pytest.raises(UserError, match="'loss' section differs"):
+        train(recipe(tmp_path, teacher, student, "run", "budget.steps=2", "loss.temperature=2"), resume=True)
+    with pytest.raises(UserError, match="optimizer.betas differs"):
+        train(recipe(tmp_path, teacher, student, "run", "budget.steps=2", "optimizer.betas=[0.8,0.9]"), resume=True)
     # Cadence may change; a finished run is left as it is.
     assert train(recipe(tmp_path, teacher, student, "run", "budget.steps=2", "eval.every=1"), resume=True).is_dir()
 
@@ -238,13 +241,87 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_pat
     monkeypatch.setattr(distill, "save_checkpoint", poison_after_save)
     with pytest.raises(UserError) as e:
         train(recipe(tmp_path, teacher, student, "run", "checkpoint.every=2"))
-    assert "non-finite" in e.value.line() and "at step 3" in e.value.line() and "step-00000002" in e.value.line()
+    line = e.value.line()
+    assert "student diverged at step 3" in line and "teacher's output is finite" in line and "step-00000002" in line
     run = tmp_path / "run"
+    assert f"minitron distill {run / 'recipe.yaml'} --resume optimizer.lr=" in line  # advice that can be followed
     assert not (run / "final").exists()
     kept = run / "checkpoints" / "step-00000002"
     assert json.loads((kept / "state.json").read_text())["step"] == 2
     assert all(torch.isfinite(t).all() for t in load_file(kept / "model.safetensors").values())
-    assert max(m["step"] for m in metrics(run)) == 2
+    # The failed step is recorded, as valid JSON: NaN becomes null and is named.
+    failed = metrics(run)[-1]
+    assert failed["step"] == 3 and failed["loss"] is None and "loss" in failed["nonfinite"]
+
+
+def test_the_advice_after_divergence_can_be_followed_and_is_recorded(tmp_path, monkeypatch):
+    teacher, student = make_pair(tmp_path)
+    real = distill.save_checkpoint
+
+    def poison_after_save(run_dir, step, model, *args, **kwargs):
+        saved = real(run_dir, step, model, *args, **kwargs)
+        with torch.no_grad():
+            model.student.base_model.norm.weight.fill_(float("inf"))
+        return saved
+
+    monkeypatch.setattr(distill, "save_checkpoint", poison_after_save)
+    run_args = ("budget.steps=6", "checkpoint.every=2")
+    with pytest.raises(UserError) as e:
+        train(recipe(tmp_path, teacher, student, "run", *run_args))
+    monkeypatch.undo()
+    advice = shlex.split(e.value.line().split("`")[1])  # minitron distill RECIPE --resume optimizer.lr=…
+    assert advice[:2] == ["minitron", "distill"] and advice[3] == "--resume"
+    resumed = load_recipe(advice[2], advice[4:])
+    assert train(resumed, resume=True).is_dir()
+
+    records = metrics(tmp_path / "run")
+    change = next(r for r in records if "resumed_with_changes" in r)
+    assert change["step"] == 2
+    assert change["resumed_with_changes"] == {"optimizer.lr": [3e-3, resumed.optimizer.lr]}
+    # From the resumed step on, the schedule is the one of the new peak learning rate.
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    for step in (3, 4, 5, 6):
+        assert lrs[step] == pytest.approx(lr_at(step - 1, resumed.optimizer, 6))
+    assert all(json.dumps(r, allow_nan=False) for r in records)
+
+
+def test_a_non_finite_teacher_is_blamed_not_the_learning_rate(tmp_path, monkeypatch):
+    teacher, student = make_pair(tmp_path)
+    real = distill.load_models
+
+    def bad_teacher(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.teacher.base_model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(distill, "load_models", bad_teacher)
+    with pytest.raises(UserError) as e:
+        train(recipe(tmp_path, teacher, student, "run"))
+    assert "teacher's output is not finite" in e.value.line() and "no learning rate" in e.value.line()
+    assert str(teacher) in e.value.line()
+
+
+def test_resume_with_nothing_to_resume_is_refused(tmp_path):
+    teacher, student = make_pair(tmp_path)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(recipe(tmp_path, teacher, student, "never-started"), resume=True)
+    assert not (tmp_path / "never-started").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["eval.blocks=100000"], "held out for evaluation"),
+        (["data.seq_len=1000"], "longer than the student's context"),
+        (["loss.hidden.pairs=[[1,9]]"], "teacher layer 9"),
+    ],
+)
+def test_refused_inputs_leave_no_run_folder(tmp_path, extra, words):
+    teacher, student = make_pair(tmp_path)
+    with pytest.raises(UserError, match=words):
+        train(recipe(tmp_path, teacher, student, "run", *extra))
+    assert not (tmp_path / "run").exists()  # a corrected rerun is not refused as "already exists"
 
 
 # --- data and schedule -----------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Writing outputs: the destination is checked first, results appear whole or not at all with the user's
+umask, and the temporary siblings of a killed writer are cleaned up by the next one (never a live one's)."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minitron.artifacts import atomic_dir, atomic_file, check_output_dir, clear_leftovers, sibling
+from minitron.errors import UserError
+
+
+def dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def left_by(pid: int, out: Path, kind: str) -> Path:
+    """A sibling named as the writer with ``pid`` on this machine names it."""
+    return out.with_name(sibling(out, kind).name.replace(f"-{os.getpid()}-", f"-{pid}-"))
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_outputs_get_the_users_umask_not_0700(tmp_path, umask_022):
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "w.bin").write_bytes(b"x")
+    with atomic_file(tmp_path / "scores.safetensors") as tmp:
+        tmp.write_bytes(b"x")
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ckpt" / "w.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "scores.safetensors").stat().st_mode) == 0o644
+
+
+def test_a_failed_write_leaves_nothing_and_an_overwrite_keeps_the_old_until_done(tmp_path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "half").write_bytes(b"x")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "v").write_text("2")
+        raise RuntimeError("killed")
+    assert (out / "v").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "v").write_text("2")
+    assert (out / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_siblings_of_a_dead_writer_are_removed_with_a_note_those_of_a_live_one_kept(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    dead = left_by(dead_pid(), out, "tmp")
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    live = left_by(os.getppid(), out, "tmp")  # pytest's parent: alive for as long as this test runs
+    live.mkdir()
+    other_host = tmp_path / f".pruned.tmp-{dead_pid()}-00000000-ab"  # another machine's writer: unknown
+    other_host.mkdir()
+    unrelated = tmp_path / ".pruned-notes.tmp-1-2-3"
+    unrelated.mkdir()
+
+    with atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pruned", live.name, other_host.name, unrelated.name])
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("note: removed") and dead.name in note[0]
+
+
+def test_an_output_killed_while_being_replaced_is_put_back(tmp_path, capsys):
+    out = tmp_path / "report"
+    old = left_by(dead_pid(), out, "old")  # killed between moving the old aside and renaming the new in
+    old.mkdir()
+    (old / "leaderboard.md").write_text("old")
+    assert clear_leftovers(out) == [old]
+    assert (out / "leaderboard.md").read_text() == "old" and not old.exists()
+    assert "restored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["below a file", "kernel file system", "read-only folder"])
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(tmp_path, where):
+    if where == "below a file":
+        (tmp_path / "file.txt").write_text("x")
+        out, words = tmp_path / "file.txt" / "sub" / "out.json", "is a file, not a folder"
+    elif where == "kernel file system":  # nobody, root included, creates files in /proc
+        out, words = Path("/proc/self/out.json"), "cannot write here"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root ignores permission bits")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out, words = tmp_path / "ro" / "out.json", "cannot write here"
+    with pytest.raises(UserError, match=words):
+        check_output_dir(out, overwrite=False)
+
+
+def test_too_little_free_space_is_refused_when_the_size_is_known(tmp_path):
+    with pytest.raises(UserError, match="not enough free space"):
+        check_output_dir(tmp_path / "ckpt", overwrite=False, size=10**18)
+    assert check_output_dir(tmp_path / "ckpt", overwrite=False, size=1) == tmp_path / "ckpt"
