@@ -181,13 +181,18 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if not out.is_dir() or out.is_symlink():
         os.replace(tmp, out)  # atomic by itself (a file, a link, or nothing yet)
         return
-    # A folder cannot be renamed over a folder: the old one is moved aside first, and Ctrl-C or SIGTERM wait
-    # until both renames are done, so that only kill -9 can fall between them (clear_leftovers mends that).
+    # A folder cannot be renamed over a folder: the old one is moved aside first. Ctrl-C or SIGTERM wait
+    # until the swap is done and the old one removed, so that only kill -9 can fall in between (and
+    # clear_leftovers mends that on the next run).
     old = sibling(out, "old")
     with _signals_held():
         os.replace(out, old)
-        os.replace(tmp, out)
-    _remove(old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        _remove(old)
 
 
 @contextlib.contextmanager

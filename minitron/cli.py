@@ -15,9 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from minitron.errors import (
-    EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR, Terminated, UserError, terminate_as_interrupt,
-)  # fmt: skip
+from minitron.errors import EXIT_USER_ERROR, Interrupted, UserError, interrupt_on_signals
 
 app = typer.Typer(
     name="minitron",
@@ -279,16 +277,15 @@ def quickstart(
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2; Ctrl-C and SIGTERM
     unwind (temporary outputs removed) and exit 130 and 143."""
-    terminate_as_interrupt()
+    interrupt_on_signals()
     try:
         app()
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {e.line()}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt as e:
-        signal = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        err_console.print(f"[bold red]interrupted[/] ({signal}): no half-written output was left", highlight=False)
-        sys.exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
+    except Interrupted as e:
+        err_console.print(f"[bold red]interrupted[/] ({e}): no half-written output was left", highlight=False)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -31,23 +31,31 @@ class UserError(Exception):
         return " — ".join(p.replace("\n", " ") for p in parts)
 
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch scheduler's time limit, ``torchrun`` stopping its
+    workers), raised where the process is so that it unwinds: every temporary output is removed by the code
+    that made it. Exit code 128 + the signal: 130 and 143, as shells report them.
+
+    Not a ``KeyboardInterrupt``: the CLI framework turns that into a silent exit, and libraries catch it.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(signal.Signals(signum).name)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it unwinds exactly as Ctrl-C does: every temporary
-    output is removed by the code that made it, and the exit code is 143 instead of 130."""
-
-
-def terminate_as_interrupt() -> None:
-    """Make SIGTERM (``kill``, a batch scheduler's time limit, ``torchrun`` stopping its workers) clean up
-    like Ctrl-C. Only the main thread can install handlers; elsewhere this does nothing."""
+def interrupt_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise :class:`Interrupted`. Only the main thread can install handlers;
+    elsewhere this does nothing."""
     import signal
     import threading
 
-    def raise_terminated(signum, frame):
-        raise Terminated()
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_terminated)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, raise_interrupted)
