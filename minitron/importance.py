@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from minitron.errors import UserError
-from minitron.families import Shape, family_of
+from minitron.families import Shape
 from minitron.importance_hooks import AGGREGATIONS, Recorder
 from minitron.layerwise import (
     CheckpointLayers,
@@ -249,12 +249,12 @@ def score_checkpoint(
     _check_aggregations(batch_agg, seq_agg)
     folder = Path(folder)
     config = load_config(folder, trust_remote_code=trust_remote_code)
-    shape, family, device = Shape.from_config(config), family_of(config), torch.device(device)
+    shape, device = Shape.from_config(config), torch.device(device)
     model = meta_model(config).to(dtype).eval()
     base = model.model
     reader = CheckpointReader(folder)
     reader.materialize(base.embed_tokens, {"weight": "model.embed_tokens.weight"}, device)
-    reader.materialize(base.norm, {"weight": "model.norm.weight"}, device)
+    reader.materialize(base.norm, {k: f"model.norm.{k}" for k in base.norm.state_dict()}, device)  # Nemotron: a bias
     # Rotary frequencies are non-persistent buffers (not in the checkpoint): build the module anew.
     with torch.device(device):
         base.rotary_emb = type(base.rotary_emb)(config=model.config)
@@ -266,7 +266,7 @@ def score_checkpoint(
     recorder = Recorder(model, shape, batch_agg, seq_agg)
     losses = LossSums(shape.layers) if layer_loss else None
     n = chunk or chunk_samples(shape, blocks.shape[1], batch_size, layer_loss, device, dtype)
-    source = CheckpointLayers(folder, base.layers, family.memory_names, device)
+    source = CheckpointLayers(folder, base.layers, shape, device)
     try:
         with torch.no_grad(), _progress(blocks.numel(), show_progress) as advance:
             sweep_pass(model, blocks, batch_size, recorder, losses, device, source, n, advance)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minitron.errors import UserError
-from minitron.families import Shape, logits_divisor
+from minitron.families import Shape, assemble, logits_divisor
 
 
 # --- LM loss (for --layer-loss) ---------------------------------------------------------------------------------
@@ -185,25 +185,35 @@ class ResidentLayers:
 
 
 class CheckpointLayers:
-    """Layers of a meta-device model, loaded from the checkpoint's safetensors one at a time."""
+    """Layers of a meta-device model, loaded from the checkpoint's safetensors one at a time.
 
-    def __init__(self, folder: Path, layers: nn.ModuleList, memory_names: dict[str, str], device: torch.device):
+    Each in-memory tensor is read under its own name when the checkpoint has it, else built from the
+    on-disk tensors it is made of (GraniteMoe's renamed experts, Qwen3-MoE's per-expert projections)."""
+
+    def __init__(self, folder: Path, layers: nn.ModuleList, shape: Shape, device: torch.device):
         self.reader = CheckpointReader(folder)
-        self.layers, self.memory_names, self.device = layers, memory_names, device
+        self.layers, self.shape, self.device = layers, shape, device
 
     @contextlib.contextmanager
     def on_device(self, i: int) -> Iterator[nn.Module]:
         layer = self.layers[i]
         prefix = f"model.layers.{i}."
-        state = {
-            self.memory_names.get(k[len(prefix) :], k[len(prefix) :]): k for k in self.reader.keys() if k.startswith(prefix)
-        }
-        self.reader.materialize(layer, state, self.device)
+        stored = {k[len(prefix) :] for k in self.reader.keys() if k.startswith(prefix)}
+        memory = self.shape.memory_layer_tensors()
+        direct = {spec.name for spec in memory if spec.name in stored or not spec.parts}
+        names = [prefix + n for spec in memory for n in ([spec.name] if spec.name in direct else self._parts(spec))]
+        tensors = self.reader.read(names)
+        read = lambda name: tensors[prefix + name]  # noqa: E731
+        state = {spec.name: read(spec.name) if spec.name in direct else assemble(self.shape, spec, read) for spec in memory}
+        self.reader.fill(layer, state, self.device)
         try:
             yield layer
         finally:
             layer.to("meta")  # frees the weights; the module and its hooks stay
             _return_freed_memory()
+
+    def _parts(self, spec) -> list[str]:
+        return [name for part in spec.parts for name in self.shape.stored_names(part)]
 
 
 def _return_freed_memory() -> None:
@@ -264,15 +274,19 @@ class CheckpointReader:
     def materialize(self, module: nn.Module, state: dict[str, str], device: torch.device) -> None:
         """Give a meta-device ``module`` real storage on ``device`` filled from the checkpoint;
         ``state`` maps the module's state-dict keys to on-disk names."""
+        tensors = self.read(list(state.values()))
+        self.fill(module, {k: tensors[v] for k, v in state.items()}, device)
+
+    def fill(self, module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Give a meta-device ``module`` real storage on ``device`` holding ``state`` (its state-dict keys)."""
         expected = set(module.state_dict())
         if set(state) != expected:
             missing = sorted(expected - set(state))
             raise UserError(
                 f"checkpoint tensors do not match the model (missing {missing[:3]})", where=str(self.folder)
             )
-        tensors = self.read(list(state.values()))
         module.to_empty(device=device)
-        module.load_state_dict({k: tensors[v] for k, v in state.items()})
+        module.load_state_dict(state)
 
 
 def chunk_samples(shape: Shape, seq_len: int, batch_size: int, layer_loss: bool, device: torch.device, dtype, budget=None) -> int:

@@ -67,7 +67,8 @@ def axis_indices(plan: Plan, layer: LayerPlan | None, expert: int | None = None)
     """Kept indices per axis for a tensor of ``layer`` (``None`` for global tensors); for MoE tensors, of the
     ``expert``-th *kept* expert, since each expert keeps its own neurons."""
     t = plan.teacher
-    index: dict[str, torch.Tensor | None] = {"vocab": None, "hidden": _index(plan.hidden, t.hidden)}
+    # vocab and head_dim are never pruned: pruning removes whole heads, so each keeps its head_dim channels.
+    index: dict[str, torch.Tensor | None] = {"vocab": None, "head_dim": None, "hidden": _index(plan.hidden, t.hidden)}
     if layer is None:
         return index
     index["q"] = _index(_channels(layer.heads, t.head_dim), t.heads * t.head_dim)
@@ -107,13 +108,18 @@ def _select(tensor: torch.Tensor, axes: tuple[str, ...], index: dict[str, torch.
     return torch.from_numpy(array).view(tensor.dtype)
 
 
-def slice_tensor(spec: Tensor, read: Callable[[Any], torch.Tensor], plan: Plan, layer: LayerPlan | None) -> torch.Tensor:
+def slice_tensor(
+    spec: Tensor, read: Callable[[Any], torch.Tensor], plan: Plan, layer: LayerPlan | None, expert: int | None = None
+) -> torch.Tensor:
     """The student's copy of one teacher tensor.
 
     ``read(key)`` returns ``teacher_tensor[key]`` for an int or ``slice(None)``: a parameter's
     ``__getitem__`` in memory, a safetensors slice on disk. Expert tensors are read one expert at a time, so
-    only kept experts are ever loaded.
+    only kept experts are ever loaded. A per-expert tensor (one file tensor per expert) is cut as the
+    ``expert``-th kept expert.
     """
+    if spec.per_expert:
+        return _select(read(slice(None)), spec.axes[1:], axis_indices(plan, layer, expert))
     if spec.axes[0] == "experts":
         parts = [
             _select(read(expert), spec.axes[1:], axis_indices(plan, layer, k)) for k, expert in enumerate(layer.experts)
@@ -124,47 +130,71 @@ def slice_tensor(spec: Tensor, read: Callable[[Any], torch.Tensor], plan: Plan, 
 
 @dataclass(frozen=True)
 class Item:
-    """One student tensor: its on-disk name, the teacher tensor it is cut from, its axes and its layer."""
+    """One student tensor: its name, the teacher tensor it is cut from, its axes, its layer and, for a tensor
+    stored per expert, which kept expert it is."""
 
     name: str
     source: str
     spec: Tensor
     layer: LayerPlan | None
+    expert: int | None = None
 
 
-def student_items(plan: Plan, present: set[str] | None = None) -> list[Item]:
+def student_items(plan: Plan, present: set[str] | None = None, layer_tensors: tuple[Tensor, ...] | None = None) -> list[Item]:
     """Every student tensor in checkpoint order (embedding, layers renumbered from 0, norm, head).
 
     ``present``: the teacher's tensor names; a tied ``lm_head.weight`` is written only if the teacher wrote
-    one (untied heads are always expected).
+    one (untied heads are always expected). ``layer_tensors``: the layout of the decoder layers (default:
+    on disk); per-expert tensors become one item per kept expert, renumbered from 0.
     """
     t = plan.teacher
-    globals_ = {spec.name: spec for spec in t.global_tensors()}
-    items = [Item("model.embed_tokens.weight", "model.embed_tokens.weight", globals_["model.embed_tokens.weight"], None)]
+    layer_tensors = t.layer_tensors() if layer_tensors is None else layer_tensors
+    embed, *after = [spec for spec in t.global_tensors() if spec is not LM_HEAD]
+    items = [Item(embed.name, embed.name, embed, None)]
     for new, layer in enumerate(plan.layers):
-        for spec in t.layer_tensors():
-            items.append(Item(f"model.layers.{new}.{spec.name}", f"model.layers.{layer.source}.{spec.name}", spec, layer))
-    items.append(Item("model.norm.weight", "model.norm.weight", globals_["model.norm.weight"], None))
+        for spec in layer_tensors:
+            if spec.per_expert:
+                for k, e in enumerate(layer.experts):
+                    name, source = spec.name.format(e=k), spec.name.format(e=e)
+                    items.append(Item(f"model.layers.{new}.{name}", f"model.layers.{layer.source}.{source}", spec, layer, k))
+            else:
+                items.append(Item(f"model.layers.{new}.{spec.name}", f"model.layers.{layer.source}.{spec.name}", spec, layer))
+    items += [Item(spec.name, spec.name, spec, None) for spec in after]
     if not t.tied or (present is not None and LM_HEAD.name in present):
         items.append(Item(LM_HEAD.name, LM_HEAD.name, LM_HEAD, None))
     return items
 
 
-def all_tensors(shape: Shape) -> Iterator[tuple[str, Tensor]]:
-    """Every (on-disk name, axes) the family table allows in a checkpoint of ``shape``, a tied head included."""
+def all_tensors(shape: Shape, layer_tensors: tuple[Tensor, ...] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Every (stored name, axes) the family table allows in a checkpoint of ``shape`` in the layout
+    ``layer_tensors`` (default: on disk), a tied head included."""
+    layer_tensors = shape.layer_tensors() if layer_tensors is None else layer_tensors
     for spec in shape.global_tensors() + ((LM_HEAD,) if shape.tied else ()):
         yield spec.name, spec
     for i in range(shape.layers):
-        for spec in shape.layer_tensors():
-            yield f"model.layers.{i}.{spec.name}", spec
+        for spec in layer_tensors:
+            for name in shape.stored_names(spec.name):
+                yield f"model.layers.{i}.{name}", spec
+
+
+def stored_layout(shape: Shape, names: set[str]) -> tuple[Tensor, ...]:
+    """The layout of a checkpoint's decoder layers: on disk (what the hub holds and ``save_pretrained``
+    writes), or in memory (transformers loads that as well), whichever its names are in."""
+    memory = shape.memory_layer_tensors()
+    differs = [t for t in memory if t.parts]
+    if differs and all(f"model.layers.0.{t.name}" in names for t in differs):
+        return memory
+    return shape.layer_tensors()
 
 
 # --- the student config -----------------------------------------------------------------------------------------
 
 
-def config_changes(plan: Plan, layer_types: list | None) -> dict[str, Any]:
-    """The config fields to rewrite: the shape (``head_dim`` always explicit) and per-layer lists."""
-    changes = config_updates(plan.teacher, plan.student)
+def config_changes(plan: Plan, config: Any) -> dict[str, Any]:
+    """The fields of the teacher's ``config`` (a dict or a config object) to rewrite: the shape (``head_dim``
+    always explicit) and per-layer lists."""
+    changes = config_updates(plan.teacher, plan.student, config)
+    layer_types = config.get("layer_types") if isinstance(config, dict) else getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == plan.teacher.layers:
         changes["layer_types"] = [layer_types[layer.source] for layer in plan.layers]
     return changes
@@ -182,13 +212,6 @@ def _check_teacher(shape: Shape, plan: Plan, where: str) -> None:
 # --- in memory --------------------------------------------------------------------------------------------------
 
 
-def _memory_name(item_name: str, spec: Tensor, renames: dict[str, str]) -> str:
-    """On-disk → in-memory name (transformers 5 renames some MoE tensors when loading)."""
-    if spec.name in renames and item_name.endswith(spec.name):
-        return item_name[: -len(spec.name)] + renames[spec.name]
-    return item_name
-
-
 def prune_model(model: Any, plan: Plan) -> Any:
     """A new transformers model of the student's shape holding the plan's slices of ``model``'s weights.
 
@@ -200,18 +223,17 @@ def prune_model(model: Any, plan: Plan) -> Any:
     from transformers.initialization import no_init_weights
 
     _check_teacher(Shape.from_config(model.config), plan, where=type(model).__name__)
-    renames = plan.teacher.family.memory_names
+    memory = plan.teacher.memory_layer_tensors()
     state = model.state_dict()
-    expected = {_memory_name(n, spec, renames) for n, spec in all_tensors(plan.teacher)}
+    expected = {name for name, _ in all_tensors(plan.teacher, memory)}
     if set(state) - expected:
         raise RuntimeError(f"tensors missing from the family table: {sorted(set(state) - expected)[:5]}")
     pruned = {}
     with torch.no_grad():
-        for item in student_items(plan, present=set(state)):
-            weight = state[_memory_name(item.source, item.spec, renames)]
-            pruned[_memory_name(item.name, item.spec, renames)] = slice_tensor(item.spec, weight.__getitem__, plan, item.layer)
+        for item in student_items(plan, present=set(state), layer_tensors=memory):
+            pruned[item.name] = slice_tensor(item.spec, state[item.source].__getitem__, plan, item.layer, item.expert)
     config = copy.deepcopy(model.config)
-    for key, value in config_changes(plan, getattr(config, "layer_types", None)).items():
+    for key, value in config_changes(plan, config).items():
         setattr(config, key, value)
     with no_init_weights():
         student = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
@@ -313,8 +335,8 @@ def teacher_index(src: Path) -> dict[str, Stored]:
     return found
 
 
-def _check_checkpoint(stored: dict[str, Stored], plan: Plan, items: list[Item], src: Path) -> None:
-    unknown = sorted(set(stored) - {name for name, _ in all_tensors(plan.teacher)})
+def _check_checkpoint(stored: dict[str, Stored], plan: Plan, items: list[Item], layout: tuple[Tensor, ...], src: Path) -> None:
+    unknown = sorted(set(stored) - {name for name, _ in all_tensors(plan.teacher, layout)})
     if unknown:
         raise UserError(
             f"checkpoint has tensors the {plan.teacher.model_type} table does not know: {', '.join(unknown[:3])}",
@@ -324,7 +346,7 @@ def _check_checkpoint(stored: dict[str, Stored], plan: Plan, items: list[Item], 
     for item in items:
         if item.source not in stored:
             raise UserError(f"checkpoint lacks {item.source}", where=str(src), fix="re-download the checkpoint")
-        expected = plan.teacher.tensor_shape(item.spec)
+        expected = plan.teacher.stored_shape(item.spec)
         if stored[item.source].shape != expected:
             raise UserError(
                 f"{item.source} has shape {stored[item.source].shape}, config.json says {expected}",
@@ -339,7 +361,7 @@ def _read(stored: Stored, item: Item, plan: Plan) -> torch.Tensor:
 
     with safe_open(stored.file, "pt") as f:
         source = f.get_slice(item.source)
-        return slice_tensor(item.spec, source.__getitem__, plan, item.layer)
+        return slice_tensor(item.spec, source.__getitem__, plan, item.layer, item.expert)
 
 
 @contextlib.contextmanager
@@ -382,10 +404,11 @@ def prune_checkpoint(
     config = read_config(src)
     _check_teacher(Shape.from_config(config), plan, where=str(src / "config.json"))
     stored = teacher_index(src)
-    items = student_items(plan, present=set(stored))
-    _check_checkpoint(stored, plan, items, src)
+    layout = stored_layout(plan.teacher, set(stored))
+    items = student_items(plan, present=set(stored), layer_tensors=layout)
+    _check_checkpoint(stored, plan, items, layout, src)
 
-    entries = [(item.name, stored[item.source].dtype, plan.student.tensor_shape(item.spec)) for item in items]
+    entries = [(item.name, stored[item.source].dtype, plan.student.stored_shape(item.spec)) for item in items]
     sizes = [math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in entries]
     check_output_dir(out, overwrite, size=sum(sizes))
     shards = _shards(sizes, max_shard_bytes)
@@ -407,7 +430,7 @@ def prune_checkpoint(
             weight_map = {entries[i][0]: name for name, members in zip(names, shards) for i in members}
             index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        config.update(config_changes(plan, config.get("layer_types")))
+        config.update(config_changes(plan, config))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for pattern in COPIED:
             for path in src.glob(pattern):

@@ -3,10 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import FAMILY_NAMES, tiny_model
 
 from minitron.errors import UserError
-from minitron.families import FAMILIES, Shape, config_updates, family_of, load_config, meta_model, read_config
+from minitron.families import FAMILIES, Shape, config_updates, load_config, meta_model, read_config
 
 SHARED_MODELS = sorted(glob.glob(str(Path(__file__).parents[1] / ".." / "shared" / "models" / "*" / "config.json")))
 
@@ -30,7 +31,7 @@ def test_counts_equal_transformers_full_size(config_file):
     assert counts["non_embedding"] == total - embedding
     if shape.experts:
         # Active = everything but the (E - k) unused experts' weights in every layer.
-        moe = model.model.layers[0].block_sparse_moe.experts
+        moe = model.model.layers[0].get_submodule(shape.family.moe).experts
         per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // shape.experts
         assert counts["active"] == total - shape.layers * (shape.experts - shape.top_k) * per_expert
         assert counts["active"] < total
@@ -39,8 +40,8 @@ def test_counts_equal_transformers_full_size(config_file):
 
 
 def test_shared_models_are_all_checked():
-    # The eight configs the brief names must all be present for the count test to mean something.
-    assert len(SHARED_MODELS) == 8
+    # The fourteen configs the briefs name must all be present for the count test to mean something.
+    assert len(SHARED_MODELS) == 14
 
 
 def test_counts_equal_transformers_tiny(family_name):
@@ -56,7 +57,8 @@ def test_tensor_table_matches_checkpoint_names(family_name, tmp_path):
     shape = Shape.from_config(model.config)
     expected = {t.name: shape.tensor_shape(t) for t in shape.global_tensors()}
     for i in range(shape.layers):
-        expected.update({f"model.layers.{i}.{t.name}": shape.tensor_shape(t) for t in shape.layer_tensors()})
+        for t in shape.layer_tensors():
+            expected.update({f"model.layers.{i}.{name}": shape.stored_shape(t) for name in shape.stored_names(t.name)})
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         on_disk = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if shape.tied:
@@ -64,12 +66,38 @@ def test_tensor_table_matches_checkpoint_names(family_name, tmp_path):
     assert on_disk == expected
 
 
-def test_memory_names_exist(family_name):
+def test_memory_table_matches_the_state_dict(family_name):
     model = tiny_model(family_name)
-    family = family_of(model.config)
-    names = dict(model.named_parameters())
-    for disk_name, memory_name in family.memory_names.items():
-        assert f"model.layers.0.{memory_name}" in names, disk_name
+    shape = Shape.from_config(model.config)
+    in_memory = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("model.layers.0.")}
+    assert in_memory == {f"model.layers.0.{t.name}": shape.tensor_shape(t) for t in shape.memory_layer_tensors()}
+
+
+def test_per_expert_tensors_assemble_into_the_fused_ones(tmp_path):
+    """Qwen3-MoE on disk: one tensor per expert and projection; in memory gate‖up fused and stacked."""
+    from safetensors import safe_open
+
+    from minitron.families import assemble
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    shape = Shape.from_config(model.config)
+    state = model.state_dict()
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        for t in shape.memory_layer_tensors():
+            built = assemble(shape, t, lambda name: f.get_tensor(f"model.layers.1.{name}"))
+            assert torch.equal(built, state[f"model.layers.1.{t.name}"]), t.name
+
+
+@pytest.mark.parametrize("field, value", [("mlp_only_layers", [0, 2]), ("decoder_sparse_step", 2)])
+def test_qwen3_moe_with_dense_layers_is_refused_in_one_line(tmp_path, field, value):
+    config = json.loads((Path(SHARED_MODELS[0]).parents[1] / "qwen3-30b-a3b" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path)
+    line = e.value.line()
+    assert field in line and "not supported" in line and "\n" not in line
 
 
 def test_config_updates_write_head_dim():

@@ -14,13 +14,19 @@ changed as stated, never a second implementation of the pruned model):
   teacher with its own top-k gives −inf logits zero weight, so it equals the student with top-k k' whenever
   k' equals the kept count (tested with 1 expert, top-1).
 * layers: dropping a layer == skipping it in the teacher's forward (its output replaced by its input).
-* embedding channels: RMSNorm divides by the mean square over *all* D channels, so zeroing channels is not
-  removing them. If the dropped channels S are zero in the embedding and in every writer to the residual
+* embedding channels (RMSNorm): RMSNorm divides by the mean square over *all* D channels, so zeroing channels
+  is not removing them. If the dropped channels S are zero in the embedding and in every writer to the residual
   stream (``o_proj`` rows and bias, ``down_proj`` rows and bias, the experts' output rows), they stay zero,
   and each norm sees ``w·h/√(Σh²/D + ε)`` in the teacher, ``w'·h/√(Σh²/D' + ε')`` in the student
   (``D' = D − |S|``, same sum). These are equal for every ``h`` iff ``w' = w·√(D/D')`` and ``ε' = ε·D/D'``.
   So: teacher with S zeroed == student whose norm weights are scaled by √(D/D') and epsilons by D/D'
-  (and, checked too, ≠ the student without that rescaling).
+  (and, checked too, ≠ the student without that rescaling). Qwen3's q/k norms act over head_dim, which
+  pruning never changes: they are neither cut nor rescaled.
+* embedding channels (LayerNorm, Nemotron's LayerNorm1P with bias): a LayerNorm also subtracts the mean over
+  all D channels, so no rescaling makes zeroing equal removing. Its reference is the teacher whose norms
+  compute their statistics over the kept channels only (and output 0 on the others), with the dropped
+  channels zeroed in the embedding and every residual writer: then the student, whose norms' weights and
+  biases are the kept slices, is equal to it without any rescaling.
 """
 
 import json
@@ -36,10 +42,10 @@ from clirun import minitron
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_plan import random_scores
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from tiny import FAMILY_NAMES, save_tiny, tiny_model, tiny_tokenizer
 
 from minitron.errors import UserError
-from minitron.families import Shape, family_of
+from minitron.families import FAMILIES, Shape, family_of
 from minitron.plan import identity_plan, make_plan, student_shape
 from minitron.prune import prune_checkpoint, prune_model, write_safetensors
 
@@ -102,39 +108,63 @@ def test_neurons_equal_zeroed_down_proj_columns(family_name):
             block = model.model.layers[layer.source]
             if plan.teacher.experts:
                 for e, neurons in zip(layer.experts, layer.neurons):
-                    block.block_sparse_moe.experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
+                    block.get_submodule(plan.teacher.family.moe).experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
             else:
                 block.mlp.down_proj.weight[:, dropped(layer.neurons, plan.teacher.ffn)] = 0
     close(logits(student), logits(model))
 
 
 def mask_router(router, keep):
-    """Make the teacher's router unable to pick experts outside ``keep`` (−inf logits before top-k)."""
+    """Make the teacher's router unable to pick experts outside ``keep`` (−inf logits before top-k).
+
+    Both routers' top-k weights are the softmax over all experts restricted to the top k: GraniteMoe's and
+    Qwen3-MoE's with ``norm_topk_prob`` renormalised to sum to 1 (the softmax of the top-k logits),
+    Qwen3-MoE's without it not (a −inf logit then takes no share of the denominator either)."""
     masked = torch.full((router.weight.shape[0],), float("-inf"))
     masked[keep] = 0.0
 
     def hook(module, args, output):
         router_logits = output[0] + masked
-        top, index = router_logits.topk(module.top_k, dim=-1)
-        return router_logits, torch.softmax(top, dim=-1).type_as(args[0]), index
+        top, index = torch.softmax(router_logits.float(), dim=-1).topk(module.top_k, dim=-1)
+        if getattr(module, "norm_topk_prob", True):
+            top = top / top.sum(dim=-1, keepdim=True)
+        return router_logits, top.type_as(args[0]), index
 
     return router.register_forward_hook(hook)
 
 
+MOE_NAMES = [name for name in FAMILY_NAMES if FAMILIES[name].is_moe]
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
 @pytest.mark.parametrize("flags", [dict(experts=3), dict(experts=2, expert_ffn=16), dict(experts=1, top_k=1)])
-def test_experts_equal_a_router_that_cannot_pick_them(flags):
-    model, plan = teacher_and_plan("granitemoe", **flags)
+def test_experts_equal_a_router_that_cannot_pick_them(name, flags):
+    model, plan = teacher_and_plan(name, **flags)
     student = prune_model(model, plan)
+    family = plan.teacher.family
     for layer in plan.layers:
-        moe = model.model.layers[layer.source].block_sparse_moe
-        mask_router(moe.router, layer.experts)
+        block = model.model.layers[layer.source]
+        mask_router(block.get_submodule(family.router), layer.experts)
         with torch.no_grad():
             for e, neurons in zip(layer.experts, layer.neurons):
-                moe.experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
+                block.get_submodule(family.moe).experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
     close(logits(student), logits(model))
-    assert student.config.num_local_experts == flags["experts"]
+    assert Shape.from_config(student.config).experts == flags["experts"]
     assert student.config.num_experts_per_tok == flags.get("top_k", 2)
-    assert not torch.allclose(logits(student), logits(tiny_model("granitemoe")))  # the test is not vacuous
+    assert not torch.allclose(logits(student), logits(tiny_model(name)))  # the test is not vacuous
+
+
+def test_experts_without_renormalised_top_k_weights():
+    """Qwen3-MoE with ``norm_topk_prob`` false: the kept experts' weights are shares of the softmax over the
+    kept experts, as in the masked teacher."""
+    model = tiny_model("qwen3_moe", norm_topk_prob=False)
+    teacher = Shape.from_config(model.config)
+    plan = make_plan(teacher, student_shape(teacher, experts=3), random_scores(teacher, 1))
+    student = prune_model(model, plan)
+    for layer in plan.layers:
+        router = model.model.layers[layer.source].mlp.gate
+        mask_router(router, layer.experts)
+    close(logits(student), logits(model))
 
 
 def test_dropped_layers_equal_skipped_layers(family_name):
@@ -149,8 +179,10 @@ def test_dropped_layers_equal_skipped_layers(family_name):
 
 
 def rescale_norms(model, factor):
-    """Every RMSNorm: weight × √factor, ε × factor (see the module docstring)."""
-    norms = [m for m in model.modules() if hasattr(m, "variance_epsilon")]
+    """Every RMSNorm over the embedding channels: weight × √factor, ε × factor (see the module docstring).
+    Qwen3's per-head q/k norms act over head_dim and stay as they are."""
+    hidden = model.config.hidden_size
+    norms = [m for m in model.modules() if hasattr(m, "variance_epsilon") and m.weight.shape == (hidden,)]
     with torch.no_grad():
         for norm in norms:
             norm.weight.mul_(math.sqrt(factor))
@@ -158,26 +190,73 @@ def rescale_norms(model, factor):
     return len(norms)
 
 
-def test_embedding_channels_equal_zeroed_channels_with_rescaled_norms(family_name):
-    model, plan = teacher_and_plan(family_name, hidden=40)
-    t, family = plan.teacher, family_of(model.config)
-    gone = dropped(plan.hidden, t.hidden)
+def zero_dropped_channels(model, plan):
+    """Zero the dropped embedding channels in the embedding and in every writer to the residual stream."""
+    t = plan.teacher
+    gone = torch.tensor(dropped(plan.hidden, t.hidden))
     state = model.state_dict()
     with torch.no_grad():
         state["model.embed_tokens.weight"][:, gone] = 0
         for i in range(t.layers):
-            for spec in t.layer_tensors():
+            for spec in t.memory_layer_tensors():
                 writes_residual = "hidden" in spec.axes and "norm" not in spec.name and (
                     len(spec.axes) == 1 or spec.axes[-1] != "hidden"
                 )
                 if writes_residual:
-                    name = f"model.layers.{i}.{family.memory_names.get(spec.name, spec.name)}"
-                    state[name].index_fill_(spec.axes.index("hidden"), torch.tensor(gone), 0)
+                    state[f"model.layers.{i}.{spec.name}"].index_fill_(spec.axes.index("hidden"), gone, 0)
+
+
+def test_embedding_channels_equal_zeroed_channels_with_rescaled_norms(family_name):
+    model, plan = teacher_and_plan(family_name, hidden=40)
+    if any(isinstance(m, torch.nn.LayerNorm) for m in model.modules()):
+        pytest.skip("a LayerNorm subtracts the mean: see test_embedding_channels_equal_layer_norms_over_kept_channels")
+    t = plan.teacher
+    zero_dropped_channels(model, plan)
     reference = logits(model)
     student = prune_model(model, plan)
     assert not torch.allclose(logits(student), reference, atol=1e-3)  # removing ≠ zeroing, as RMSNorm sees D
     assert rescale_norms(student, t.hidden / plan.student.hidden) == 2 * t.layers + 1
     close(logits(student), reference)
+
+
+def test_embedding_channels_equal_layer_norms_over_kept_channels():
+    """Nemotron (LayerNorm1P: weight + 1, with bias); see the module docstring."""
+    model, plan = teacher_and_plan("nemotron", hidden=40)
+    kept = torch.tensor(plan.hidden)
+    zero_dropped_channels(model, plan)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * plan.teacher.layers + 1 and all(norm.bias is not None for norm in norms)
+    reference_before = logits(model)
+
+    def over_kept(module, args, output):
+        x = args[0]
+        out = torch.zeros_like(output)
+        weight, bias = (module.weight + 1.0)[kept], module.bias[kept]  # LayerNorm1P scales by 1 + weight
+        out[..., kept] = torch.nn.functional.layer_norm(x[..., kept], (len(kept),), weight, bias, module.eps)
+        return out
+
+    for norm in norms:
+        norm.register_forward_hook(over_kept)
+    reference = logits(model)
+    student = prune_model(model, plan)
+    assert not torch.allclose(reference, reference_before, atol=1e-3)  # the reference is not the plain teacher
+    close(logits(student), reference)
+
+
+def test_qwen3_q_and_k_norms_act_over_head_dim_which_pruning_keeps():
+    """q_norm / k_norm normalise each head over its head_dim channels, with one weight shared by all heads.
+    Pruning removes whole heads and embedding channels and never changes head_dim, so they are copied
+    whole, unscaled: the equivalences above (heads, KV groups, embedding channels) hold with them as they are."""
+    model, plan = teacher_and_plan("qwen3", hidden=40, heads=2, kv_heads=1)
+    student = prune_model(model, plan)
+    assert student.config.head_dim == plan.teacher.head_dim
+    for new, layer in enumerate(plan.layers):
+        for name in ("q_norm", "k_norm"):
+            teacher_norm = model.model.layers[layer.source].self_attn.get_submodule(name)
+            student_norm = student.model.layers[new].self_attn.get_submodule(name)
+            assert student_norm.weight.shape == (plan.teacher.head_dim,)
+            assert torch.equal(student_norm.weight, teacher_norm.weight)
+            assert student_norm.variance_epsilon == teacher_norm.variance_epsilon
 
 
 def test_a_plan_for_another_model_is_refused():
@@ -205,7 +284,9 @@ def shrink_everything(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_streamed_is_byte_identical_to_in_memory(tmp_path, family_name, dtype):
-    if dtype == torch.bfloat16 and family_name not in ("llama", "granitemoe"):
+    """The streamed student is what save_pretrained writes for the in-memory student: transformers' own
+    in-memory → on-disk conversion is the reference for the per-expert names (Qwen3-MoE)."""
+    if dtype == torch.bfloat16 and family_name not in ("llama", "granitemoe", "qwen3_moe"):
         pytest.skip("bf16 once per kind of model is enough")
     model, plan = teacher_and_plan(family_name, **shrink_everything(family_name))
     model = model.to(dtype)
@@ -218,19 +299,35 @@ def test_streamed_is_byte_identical_to_in_memory(tmp_path, family_name, dtype):
     on_disk = read_all(out)
     assert set(index["weight_map"]) == set(on_disk)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
-    student = prune_model(model, plan)
-    renames = {v: k for k, v in family_of(model.config).memory_names.items()}
-    in_memory = {}
-    for name, tensor in student.state_dict().items():
-        for memory, disk in renames.items():
-            name = name.replace(memory, disk)
-        in_memory[name] = tensor
+    prune_model(model, plan).save_pretrained(tmp_path / "in-memory")
+    in_memory = read_all(tmp_path / "in-memory")
     if plan.teacher.tied:
-        in_memory.pop("lm_head.weight")  # the teacher wrote no tied head, so neither does the student
+        in_memory.pop("lm_head.weight", None)  # the teacher wrote no tied head, so neither does the student
     assert set(on_disk) == set(in_memory)
     for name, tensor in on_disk.items():
         assert tensor.dtype == dtype == in_memory[name].dtype, name
         assert torch.equal(tensor.view(-1).view(torch.uint8), in_memory[name].contiguous().view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_a_checkpoint_in_the_in_memory_layout_prunes_to_the_same_layout(tmp_path, name):
+    """transformers loads fused expert tensors under their in-memory names too (a checkpoint written from a
+    state_dict); the streamed pruner reads that layout and writes the student in it."""
+    from transformers import AutoModelForCausalLM
+
+    model, plan = teacher_and_plan(name, **shrink_everything(name))
+    (tmp_path / "teacher").mkdir()
+    model.config.save_pretrained(tmp_path / "teacher")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (k == "lm_head.weight" and plan.teacher.tied)}
+    save_file(state, tmp_path / "teacher" / "model.safetensors", metadata={"format": "pt"})
+    out = prune_checkpoint(tmp_path / "teacher", plan, tmp_path / "student")
+    expected = prune_model(model, plan).state_dict()
+    on_disk = read_all(out)
+    assert any(".experts.down_proj" in k for k in on_disk)  # fused, as read
+    assert set(on_disk) == set(expected) - ({"lm_head.weight"} if plan.teacher.tied else set())
+    assert all(torch.equal(on_disk[k], expected[k]) for k in on_disk)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(loaded), logits(prune_model(model, plan)))
 
 
 def test_checkpoint_loads_and_generates(tmp_path, family_name):

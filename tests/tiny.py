@@ -2,15 +2,28 @@
 
 Each keeps its family's special features at toy size: Llama's llama3 rope scaling and a head_dim decoupled
 from hidden_size, Qwen2's attention biases, Granite's four muP multipliers and tied embeddings, GraniteMoe's
-router and fused experts.
+router and fused experts, Qwen3's per-head q/k RMSNorms (with a decoupled head_dim and tied embeddings, as
+Qwen3-4B), Qwen3-MoE's softmax-then-top-k router with renormalised weights and per-expert checkpoint tensors,
+Nemotron's squared-ReLU MLP without a gate, LayerNorm1P with bias and partial rotary embeddings (half of a
+head_dim that is decoupled from hidden_size, as in Minitron-8B).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GraniteConfig, GraniteMoeConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    GraniteMoeConfig,
+    LlamaConfig,
+    MistralConfig,
+    NemotronConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "granite", "granitemoe")
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "granite", "granitemoe", "qwen3", "qwen3_moe", "nemotron")
 
 _COMMON = dict(
     vocab_size=128,
@@ -55,6 +68,15 @@ def tiny_config(model_type: str, **overrides):
         cfg = GraniteMoeConfig(
             **{**_COMMON, "intermediate_size": 32}, **_GRANITE, num_local_experts=4, num_experts_per_tok=2
         )
+    elif model_type == "qwen3":
+        cfg = Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True)
+    elif model_type == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            **_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+        )
+    elif model_type == "nemotron":
+        common = {k: v for k, v in _COMMON.items() if k != "rms_norm_eps"}
+        cfg = NemotronConfig(**common, head_dim=24, partial_rotary_factor=0.5, norm_eps=1e-5, hidden_act="relu2")
     else:
         raise ValueError(model_type)
     for key, value in overrides.items():
@@ -65,11 +87,13 @@ def tiny_config(model_type: str, **overrides):
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
-    # Random init leaves RMSNorm weights at 1 and biases at 0; randomise them so that tests exercise them.
+    # Random init leaves norm weights at 1 (LayerNorm1P's at 0, for a scale of 1) and biases at 0; randomise
+    # them so that tests exercise them.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+                norm_weight = "norm" in name and name.endswith("weight")
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if norm_weight else 0.1 * torch.randn_like(p))
     return model.eval()
 
 
