@@ -36,7 +36,8 @@ Llama-3.1), then the most evenly spread cut (the smallest largest-fraction remov
 experts: the published shapes trim every width dimension moderately rather than one to its limit), then
 closeness to the target. For each choice of the other dimensions only the ffn closest to the target is
 kept: ffn is the finest knob, and its neighbours within tolerance differ by well under 1 % of the
-parameters, so listing them would only crowd the ``--top-k-candidates`` evaluated.
+parameters, so listing them would only crowd the ``--top-k-candidates`` evaluated. One more is kept when it
+is within tolerance: the ffn cut by the same fraction as hidden (Minitron-8B's uniform cut).
 """
 
 from __future__ import annotations
@@ -358,14 +359,28 @@ def enumerate_candidates(teacher: Shape, budget: Budget, space: SearchSpace) -> 
                     nearest = (dev, total, active)
                 if dev <= budget.tolerance and (best is None or dev < best[0]):
                     best = (dev, ffn)
-            if best is not None:
-                shape = teacher.replace(hidden=hidden, heads=heads, experts=experts, layers=layers, ffn=best[1])
+            picks = [] if best is None else [best[1]]
+            even = _even_ffn(teacher, hidden, space)
+            if even is not None and even not in picks and budget.deviation(*counter(layers, even)) <= budget.tolerance:
+                picks.append(even)
+            for ffn in picks:
+                shape = teacher.replace(hidden=hidden, heads=heads, experts=experts, layers=layers, ffn=ffn)
                 # The listed numbers come from the one counting rule, not from the shortcut.
                 total, active = shape.counts()["total"], shape.counts()["active"]
                 found.append(Candidate(shape, total, active, budget.deviation(total, active)))
     if not found:
         raise _unreachable(teacher, budget, space, nearest)
     return sorted(found, key=lambda c: c.order_key(teacher))
+
+
+def _even_ffn(teacher: Shape, hidden: int, space: SearchSpace) -> int | None:
+    """The ffn cut by the same fraction as ``hidden``, where it is on the grid: the uniform width cut that
+    Minitron-8B is (Nemotron-4 15B's hidden 6144 → 4096 and MLP 24576 → 16384, both to 2/3), listed beside
+    the ffn closest to the target, which at hidden 4096 and an 8B target is 15360."""
+    if hidden == teacher.hidden or (teacher.ffn * hidden) % teacher.hidden:
+        return None
+    ffn = teacher.ffn * hidden // teacher.hidden
+    return ffn if ffn in space.values["ffn"] else None
 
 
 # --- explaining an unreachable target ------------------------------------------------------------------------

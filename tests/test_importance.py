@@ -138,25 +138,38 @@ def test_hooked_scores_equal_naive_scores_from_stored_activations(batch_agg, seq
 # --- invariants: a unit that does nothing scores nothing ---------------------------------------------------------
 
 
+def zero_channel_in_every_norm(model, channel, final=True):
+    """Make every norm over the embedding channels output 0 at ``channel``: RMSNorm by a 0 weight,
+    LayerNorm1P (which scales by 1 + weight) by weight −1 and bias 0."""
+    hidden = model.config.hidden_size
+    for name, module in model.named_modules():
+        if name.endswith("norm") and module.weight.shape == (hidden,) and (final or name != "model.norm"):
+            layer_norm_1p = isinstance(module, torch.nn.LayerNorm)
+            module.weight[channel] = -1.0 if layer_norm_1p else 0.0
+            if getattr(module, "bias", None) is not None:
+                module.bias[channel] = 0
+
+
 def test_zeroed_neurons_heads_and_channels_score_zero(family_name):
     model = tiny_model(family_name)
     shape = Shape.from_config(model.config)
     layer = model.model.layers[2]
     hd = shape.head_dim
     with torch.no_grad():
-        # Neuron 5: a zero gate row makes act(gate) · up = 0 (SiLU(0) = 0), so its down-projection input is 0.
+        # Neuron 5: a zero gate row makes act(gate) · up = 0 (SiLU(0) = 0); without a gate (Nemotron) a zero
+        # up row makes relu²(up) = 0. Either way its down-projection input is 0.
         if shape.experts:
-            layer.block_sparse_moe.experts.gate_up_proj[1, 5] = 0
-        else:
+            layer.get_submodule(shape.family.moe).experts.gate_up_proj[1, 5] = 0
+        elif hasattr(layer.mlp, "gate_proj"):
             layer.mlp.gate_proj.weight[5] = 0
+        else:
+            layer.mlp.up_proj.weight[5] = 0
         # KV group 1: zero value projections make every query head in the group output 0.
         layer.self_attn.v_proj.weight[hd : 2 * hd] = 0
         if layer.self_attn.v_proj.bias is not None:
             layer.self_attn.v_proj.bias[hd : 2 * hd] = 0
-        # Channel 7: zero in the weight of every RMSNorm, so every norm outputs 0 there.
-        for name, module in model.named_modules():
-            if name.endswith("norm"):
-                module.weight[7] = 0
+        # Channel 7: every norm over the embedding channels outputs 0 there.
+        zero_channel_in_every_norm(model, 7)
     s = scores_of(model)
     neurons = s["neurons.2"][1] if shape.experts else s["neurons.2"]
     assert neurons[5] == 0 and (neurons[torch.arange(len(neurons)) != 5] > 0).all()
@@ -166,17 +179,16 @@ def test_zeroed_neurons_heads_and_channels_score_zero(family_name):
     assert s["hidden"][7] == 0 and (s["hidden"][torch.arange(shape.hidden) != 7] > 0).all()
 
 
-def test_hidden_sums_every_norm():
+@pytest.mark.parametrize("name", ["llama", "nemotron"])  # RMSNorm; LayerNorm1P with bias
+def test_hidden_sums_every_norm(name):
     """Zero channel 7 in every norm but the final one: the final norm alone keeps its score above 0."""
-    model = tiny_model("llama")
+    model = tiny_model(name)
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith("layernorm"):
-                module.weight[7] = 0
+        zero_channel_in_every_norm(model, 7, final=False)
     s = scores_of(model)
     assert s["hidden"][7] > 0
     with torch.no_grad():
-        model.model.norm.weight[7] = 0
+        zero_channel_in_every_norm(model, 7)
     assert scores_of(model)["hidden"][7] == 0
 
 
@@ -186,10 +198,11 @@ def test_identity_layer_has_no_block_importance_and_no_loss_rise(family_name):
     with torch.no_grad():
         # Attention and MLP outputs become 0, so the layer's output is exactly its input.
         layer.self_attn.o_proj.weight.zero_()
-        if hasattr(layer, "mlp"):
-            layer.mlp.down_proj.weight.zero_()
+        family = Shape.from_config(model.config).family
+        if family.is_moe:
+            layer.get_submodule(family.moe).experts.down_proj.zero_()
         else:
-            layer.block_sparse_moe.experts.down_proj.zero_()
+            layer.get_submodule(family.mlp_down).weight.zero_()
     s = scores_of(model, layer_loss=True)
     assert s["blocks"][1].abs() < 1e-6
     assert s["layer_loss"][1] == 0
@@ -197,8 +210,9 @@ def test_identity_layer_has_no_block_importance_and_no_loss_rise(family_name):
     assert (s["blocks"][others] > 1e-6).all() and (s["layer_loss"][others] != 0).all()
 
 
-def test_moe_instrumentation_leaves_outputs_unchanged():
-    model = tiny_model("granitemoe")
+@pytest.mark.parametrize("name", ["granitemoe", "qwen3_moe"])
+def test_moe_instrumentation_leaves_outputs_unchanged(name):
+    model = tiny_model(name)
     ids = blocks(2, 16)
     with torch.no_grad():
         default = model(ids).logits
@@ -211,7 +225,7 @@ def test_moe_instrumentation_leaves_outputs_unchanged():
     assert torch.equal(instrumented, eager)  # same operations in the same order
     torch.testing.assert_close(instrumented, default)
     assert torch.equal(restored, eager)
-    assert "forward" not in vars(model.model.layers[0].block_sparse_moe.experts)
+    assert "forward" not in vars(model.model.layers[0].get_submodule(Shape.from_config(model.config).family.moe).experts)
 
 
 
@@ -268,6 +282,18 @@ def test_streamed_checkpoint_equals_whole_model(family_name, tmp_path):
     whole = scores_of(model, data, layer_loss=True)
     streamed = score_checkpoint(tmp_path, data, batch_size=2, layer_loss=True, chunk=2, show_progress=False)
     assert_same(whole, streamed, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_checkpoint_in_the_in_memory_layout_equals_whole_model(tmp_path):
+    """Qwen3-MoE saved with fused expert tensors (its in-memory names) streams like the per-expert layout."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("qwen3_moe")
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    data = blocks(3, 12)
+    streamed = score_checkpoint(tmp_path, data, batch_size=2, chunk=2, show_progress=False)
+    assert_same(scores_of(model, data), streamed, rtol=1e-5, atol=1e-6)
 
 
 def test_offload_restores_the_model():

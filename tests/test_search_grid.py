@@ -131,6 +131,62 @@ def test_llama_depth_lists_16_layers():
     assert full_shape("llama-3.1-minitron-4b-depth").counts()["total"] == 4_540_469_248
 
 
+def test_nemotron_8b_target_lists_minitron_8b():
+    """2407.14679's Minitron-8B (hidden 6144 → 4096, MLP 24576 → 16384, all 48 heads) has 8.27B parameters:
+    3.4 % above an 8B target, so the default ±2 % cannot list it and ±4 % does. At hidden 4096 the ffn closest
+    to 8B is 15360; Minitron-8B is there as the uniform cut (both to 2/3), and ranks first as the most even."""
+    teacher, minitron_8b = full_shape("nemotron-4-15b-base"), full_shape("minitron-8b-base")
+    budget, _, found = candidates(teacher, "8B", axes="width", tolerance="4%")
+    assert_within(budget, found)
+    match = [c for c in found if c.shape == minitron_8b]
+    assert len(match) == 1 and match[0].total == 8_271_699_968 and found[0] is match[0]
+    assert any((c.shape.hidden, c.shape.ffn) == (4096, 15360) for c in found)
+    _, _, default = candidates(teacher, "8B", axes="width")
+    assert minitron_8b not in [c.shape for c in default]
+
+
+def transformers_counts(raw: dict, teacher: Shape, student: Shape) -> tuple[int, int]:
+    """Total and active parameters of the pruned config as transformers builds it (meta device): active is
+    the total less the weights of the experts a token does not use, read off the experts module."""
+    from transformers import AutoConfig
+
+    from minitron.families import config_updates, meta_model
+
+    fields = {k: v for k, v in {**raw, **config_updates(teacher, student, raw)}.items() if k != "model_type"}
+    config = AutoConfig.for_model(raw["model_type"], **fields)
+    model = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    experts = model.model.layers[0].mlp.experts
+    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+    unused = config.num_hidden_layers * (experts.num_experts - config.num_experts_per_tok) * per_expert
+    return total, total - unused
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [dict(active="2.6B", axes="experts"), dict(target="16B", axes="experts"), dict(active="2.6B", axes="width")],
+    ids=["active-experts", "total-experts", "active-width"],
+)
+def test_qwen3_moe_candidates_count_as_transformers_does(flags):
+    raw = json.loads((SHARED / "qwen3-30b-a3b" / "config.json").read_text())
+    teacher = Shape.from_config(raw)
+    budget, _, found = candidates(teacher, flags.get("target"), axes=flags["axes"], active=flags.get("active"))
+    assert_within(budget, found)
+    for c in {id(c): c for c in (found[0], found[-1])}.values():
+        assert transformers_counts(raw, teacher, c.shape) == (c.total, c.active)
+
+
+def test_qwen3_moe_explicit_experts_count_as_transformers_does():
+    from minitron.plan import student_shape
+
+    raw = json.loads((SHARED / "qwen3-30b-a3b" / "config.json").read_text())
+    teacher = Shape.from_config(raw)
+    student = student_shape(teacher, experts=64, expert_ffn=512)
+    counts = student.counts()
+    assert transformers_counts(raw, teacher, student) == (counts["total"], counts["active"])
+    assert counts["active"] < teacher.counts()["active"] and counts["total"] < teacher.counts()["total"] / 2
+
+
 def test_width_and_depth_prefers_keeping_layers():
     budget, _, found = candidates(full_shape("llama-3.1-8b"), "4.5B", axes="width,depth", heads=True)
     assert_within(budget, found)
