@@ -9,6 +9,7 @@ from tiny import FAMILY_NAMES, tiny_model
 from minitron.errors import UserError
 from minitron.families import FAMILIES, Shape, config_updates, load_config, meta_model, read_config
 
+SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
 SHARED_MODELS = sorted(glob.glob(str(Path(__file__).parents[1] / ".." / "shared" / "models" / "*" / "config.json")))
 
 
@@ -98,6 +99,19 @@ def test_qwen3_moe_with_dense_layers_is_refused_in_one_line(tmp_path, field, val
         read_config(tmp_path)
     line = e.value.line()
     assert field in line and "not supported" in line and "\n" not in line
+
+
+def test_qwen3_8b_at_qwen3_4b_width_has_its_non_embedding_parameters():
+    """The Qwen3 recipe's student: Qwen3-8B cut to Qwen3-4B's hidden and MLP widths, heads and layers kept.
+    Qwen3-4B ties its output head, Qwen3-8B does not, so only the non-embedding counts agree."""
+    teacher = Shape.from_config(read_config(SHARED / "qwen3-8b"))
+    qwen3_4b = Shape.from_config(read_config(SHARED / "qwen3-4b"))
+    student = teacher.replace(hidden=qwen3_4b.hidden, ffn=qwen3_4b.ffn)
+    assert (student.heads, student.kv_heads, student.head_dim, student.layers) == (
+        qwen3_4b.heads, qwen3_4b.kv_heads, qwen3_4b.head_dim, qwen3_4b.layers
+    )
+    assert student.counts()["non_embedding"] == qwen3_4b.counts()["non_embedding"] == 3_633_511_936
+    assert student.counts()["total"] - qwen3_4b.counts()["total"] == qwen3_4b.vocab * qwen3_4b.hidden
 
 
 def test_config_updates_write_head_dim():

@@ -39,6 +39,8 @@ def test_the_paper_models_have_recipes():
         "granite-3.1-8b-to-2b",
         "granite-3.1-3b-a800m-to-1b-a400m",
         "powerlm-3b-from-granite-3.1-8b",
+        "nemotron-4-15b-to-minitron-8b",
+        "qwen3-8b-to-4b-width",
         "tiny-cpu",
     } <= names
 
@@ -66,6 +68,13 @@ def test_minitron_4b_recipes_carry_the_published_hyperparameters(name):
     assert (recipe.loss.kd, recipe.loss.temperature, recipe.loss.lm, recipe.loss.hidden) == (1.0, 1.0, 0.0, None)
     assert recipe.steps() == math.ceil(94e9 / (1152 * 8192)) == 9961
     assert recipe.batch.accumulation_for(8) == 144
+
+
+def test_minitron_8b_recipe_distils_94b_tokens_on_logits_alone():
+    recipe = load_recipe(REPO / "recipes" / "nemotron-4-15b-to-minitron-8b.yaml")
+    assert (recipe.loss.kd, recipe.loss.temperature, recipe.loss.lm, recipe.loss.hidden) == (1.0, 1.0, 0.0, None)
+    assert (recipe.data.seq_len, recipe.budget.tokens) == (4096, 94_000_000_000)
+    assert recipe.steps() == math.ceil(94e9 / (recipe.batch.global_ * 4096))
 
 
 def test_teacher_correction_is_lm_only_at_a_fifth_of_the_peak_lr():
