@@ -57,6 +57,18 @@ TASKS: dict[str, tuple[int, tuple[Headline, ...]]] = {
     ),
 }
 HELLASWAG_SHOTS = (0, 10)
+# What a model that guesses scores on each accuracy (percent): four answer choices, or an exact number.
+CHANCE = {"MMLU": 25.0, "HellaSwag": 25.0, "GSM8K": 0.0, "GSM8K flexible": 0.0}
+# The prompts whose greedy continuations the leaderboard shows side by side: benchmark accuracies of a small
+# model sit at chance, its text shows what pruning broke and distillation restored. Plain encyclopedic
+# openings, as in the bundled teacher's WikiText-2 training text.
+PROMPTS = (
+    "The history of the city",
+    "In the early years of the war ,",
+    "The album was released",
+    "The species is found in",
+)
+GENERATED_TOKENS = 32
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -357,6 +369,25 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def generate_samples(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = GENERATED_TOKENS) -> list[dict[str, str]]:
+    """Each prompt's greedy continuation (at most ``max_new_tokens``, fewer where the context is shorter)."""
+    import torch
+
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    eos = tokenizer.eos_token_id
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        budget = max(0, min(max_new_tokens, context - ids.shape[1]))
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
+                                 num_beams=1, top_p=None, top_k=None, temperature=None,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "continuation": text})
+    return samples
+
+
 @contextlib.contextmanager
 def _quiet_libraries(verbose: bool):
     """lm-eval logs a warning per task and datasets a bar per map(); the rich bar says what matters."""
@@ -468,10 +499,12 @@ def evaluate(
     overwrite: bool = False,
     verbose: bool = False,
     name: str | None = None,
+    prompts: tuple[str, ...] | list[str] = PROMPTS,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint and write ``out`` (lm-eval's results JSON + a ``minitron`` section).
 
-    ``name`` labels the model's row in ``minitron report`` (default: the checkpoint folder's name)."""
+    ``name`` labels the model's row in ``minitron report`` (default: the checkpoint folder's name);
+    ``prompts`` are continued greedily and recorded (``generations``) for the report to show side by side."""
     from minitron import eval_data
     from minitron.artifacts import atomic_file, check_output_dir, versions
     from minitron.families import Shape, has_weights, is_local, load_config
@@ -497,6 +530,7 @@ def evaluate(
         lm, tok, tasks=task_list, limit=limit, batch_size=batch_size, data_dir=data_dir,
         hellaswag_shots=hellaswag_shots, verbose=verbose,
     )
+    generations = generate_samples(lm, tok, prompts)
     done = time.perf_counter()
     settings |= {"device": device, "dtype": str(lm.dtype).removeprefix("torch."), "tokenizer": tokenizer or str(model)}
     results[TOOL] = {
@@ -512,6 +546,7 @@ def evaluate(
         "lineage": read_lineage(model) if is_local(model) else {},
         "settings": settings,
         "summary": summarize(results),
+        "generations": {"max_new_tokens": GENERATED_TOKENS, "decoding": "greedy", "samples": generations},
         "versions": versions(),
         "timing": {
             "load_s": round(loaded - started, 3),

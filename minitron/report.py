@@ -5,7 +5,13 @@ student to its teacher through the lineage recorded there, and writes one folder
 
 - ``leaderboard.md``: the tables, with the plots linked from ``plots/``;
 - ``leaderboard.html``: one self-contained page (inline CSS, plots inlined as SVG, no network at view time);
-- ``plots/*.svg``: accuracy against parameters, per-task bars, retained accuracy of each student (%).
+- ``plots/*.svg``: accuracy against parameters and per-task bars (error bars ± 2 standard errors, a dashed
+  line at chance), perplexities (lower is better), retained accuracy of each student (%).
+
+Small models score at chance on the accuracy benchmarks, where one more right answer in 20 moves a ratio by
+ten points: every accuracy carries lm-eval's standard error and its number of documents, a score within two
+standard errors of its task's chance level is marked, and retained accuracy is only computed from scores
+that are not. The greedy continuations ``minitron eval`` records are shown side by side.
 
 Published rows come from ``eval/references.yaml`` and are always labelled as published, never measured.
 """
@@ -13,10 +19,8 @@ Published rows come from ``eval/references.yaml`` and are always labelled as pub
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,12 +29,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from minitron.errors import UserError
-from minitron.evaluate import FORMAT_VERSION, TASKS, TOOL, eval_dir
+from minitron.evaluate import CHANCE, FORMAT_VERSION, TASKS, TOOL, eval_dir
 from minitron.report_console import human
 
 # The accuracy columns of the leaderboard (percent, higher is better), then the other headline numbers.
 ACCURACY = ("MMLU", "HellaSwag", "GSM8K")
 COLUMNS = ACCURACY + ("GSM8K flexible", "WikiText word ppl", "WikiText byte ppl")
+PERPLEXITY = ("WikiText word ppl", "WikiText byte ppl")
 SHOTS_OF = {h.label: task for task, (_, headlines) in TASKS.items() for h in headlines}
 
 
@@ -55,6 +60,9 @@ class Row:
     raw: dict[str, float] = field(default_factory=dict)  # label → the number exactly as in the JSON
     run: dict[str, Any] = field(default_factory=dict)  # settings / timing / lineage of a measured row
     keys: set[str] = field(default_factory=set)  # names that lineage may use for this model
+    stderr: dict[str, float] = field(default_factory=dict)  # label → lm-eval's standard error, in the unit of scores
+    samples: dict[str, int] = field(default_factory=dict)  # label → number of documents scored
+    generations: list[dict[str, str]] = field(default_factory=list)  # greedy continuations of the eval prompts
 
 
 class _Score(BaseModel):
@@ -152,6 +160,10 @@ def load_results(path: str | Path) -> Row:
             source=str(path),
             run={**section, "file": str(path)},
             keys={model["name"], model["path"]},
+            stderr={k: v["stderr"] * (100 if v["higher_is_better"] else 1) for k, v in summary.items()
+                    if isinstance(v.get("stderr"), (int, float))},
+            samples={k: int(v["samples"]) for k, v in summary.items() if isinstance(v.get("samples"), int)},
+            generations=list((section.get("generations") or {}).get("samples", [])),
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"malformed minitron section ({type(e).__name__}: {e})", where=str(path)) from None
@@ -196,146 +208,82 @@ def link(rows: list[Row]) -> None:
             row.name = f"{row.name} ({names[row.name]})"
 
 
+def at_chance(row: Row, label: str) -> bool:
+    """Whether a score is within two standard errors of its task's chance level (no error known: not judged).
+
+    The yardstick is the larger of lm-eval's standard error and that of a guesser on the same number of
+    documents (binomial at the chance rate): lm-eval's is 0 for a score of 0 or 100 %, which would make 0 of 6
+    MMLU questions "not chance". GSM8K's chance is 0, so there it is lm-eval's error alone."""
+    if label not in CHANCE or label not in row.scores:
+        return False
+    chance = CHANCE[label] / 100
+    guess = 100 * math.sqrt(chance * (1 - chance) / row.samples[label]) if row.samples.get(label) else None
+    errors = [e for e in (row.stderr.get(label), guess) if e is not None]
+    return bool(errors) and abs(row.scores[label] - CHANCE[label]) <= 2 * max(errors)
+
+
 def retained(student: Row, teacher: Row) -> dict[str, float]:
-    """Student accuracy as a percentage of the teacher's, for each accuracy both have (teacher > 0)."""
+    """Student accuracy as a percentage of the teacher's, for each accuracy both have (teacher > 0), except
+    where either score is indistinguishable from chance: a ratio of two guesses says nothing."""
     return {
         label: 100.0 * student.scores[label] / teacher.scores[label]
         for label in ACCURACY
         if label in student.scores and teacher.scores.get(label)
+        and not at_chance(student, label) and not at_chance(teacher, label)
     }
-
-
-# --- plots --------------------------------------------------------------------------------------------------
-
-_STYLE = {  # role → marker, face colour (None = hollow), size
-    "teacher": ("s", "#1f4e9a", 90),
-    "student": ("o", "#d9541e", 70),
-    "model": ("D", "#3b8c3b", 60),
-}
-
-
-def _svg(fig) -> str:
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    text = buffer.getvalue()
-    text = text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE so the SVG can sit inside HTML
-    return re.sub(r"\s*<metadata>.*?</metadata>", "", text, flags=re.S)  # creator / date: not content
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display, no GUI toolkit: the report is written from servers too
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "svg.hashsalt": "minitron"})
-    return plt.figure(figsize=(width, height), layout="constrained")
-
-
-def plot_accuracy_vs_params(rows: list[Row]) -> str | None:
-    labels = [label for label in ACCURACY if any(label in r.scores for r in rows)]
-    if not labels:
-        return None
-    fig = _figure(4.2 * len(labels), 3.6)
-    for i, label in enumerate(labels):
-        ax = fig.add_subplot(1, len(labels), i + 1)
-        for row in rows:
-            if label not in row.scores:
-                continue
-            teacher = row.teacher
-            if teacher is not None and label in teacher.scores:  # lineage: a line from teacher to student
-                ax.plot([teacher.params, row.params], [teacher.scores[label], row.scores[label]],
-                        color="#999999", lw=0.8, ls=":" if row.published else "-", zorder=1)
-            marker, colour, size = _STYLE[row.role]
-            face = "none" if row.published else colour
-            ax.scatter(row.params, row.scores[label], marker=marker, s=size, facecolors=face,
-                       edgecolors="#777777" if row.published else colour, linewidths=1.4, zorder=2)
-            ax.annotate(row.name, (row.params, row.scores[label]), fontsize=6 if row.published else 7, xytext=(4, 3),
-                        textcoords="offset points", color="#777777" if row.published else "#222222")
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters (total)")
-        ax.set_ylabel(f"{label} accuracy (%)")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    handles = [
-        _legend_handle(role, published) for role, published in
-        (("teacher", False), ("student", False), ("model", False), ("teacher", True), ("student", True))
-        if any(r.role == role and r.published == published for r in rows)
-    ]  # fmt: skip
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-    return _svg(fig)
-
-
-def _legend_handle(role: str, published: bool):
-    from matplotlib.lines import Line2D
-
-    marker, colour, _ = _STYLE[role]
-    return Line2D([], [], marker=marker, ls="", markersize=8, markerfacecolor="none" if published else colour,
-                  markeredgecolor="#777777" if published else colour,
-                  label=f"{role} ({'published' if published else 'measured'})")
-
-
-def plot_task_bars(rows: list[Row]) -> str | None:
-    labels = [label for label in ACCURACY if any(label in r.scores for r in rows)]
-    if not labels:
-        return None
-    import numpy as np
-
-    fig = _figure(max(6.0, 1.2 + 0.5 * len(rows) * len(labels)), 3.8)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(1, len(rows))
-    colours = [f"C{i % 10}" for i in range(len(rows))]
-    for j, row in enumerate(rows):
-        xs = [i + (j - (len(rows) - 1) / 2) * width for i, label in enumerate(labels) if label in row.scores]
-        ys = [row.scores[label] for label in labels if label in row.scores]
-        ax.bar(xs, ys, width, color="white" if row.published else colours[j], edgecolor=colours[j],
-               hatch="///" if row.published else None, label=f"{row.name}{' (published)' if row.published else ''}")
-    ax.set_xticks(np.arange(len(labels)), labels)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _svg(fig)
-
-
-def plot_retained(pairs: list[tuple[Row, Row, dict[str, float]]]) -> str | None:
-    if not pairs:
-        return None
-    fig = _figure(7.0, 0.9 + 0.45 * sum(len(kept) for _, _, kept in pairs))
-    ax = fig.add_subplot(1, 1, 1)
-    y, ticks = 0, []
-    for student, teacher, kept in pairs:
-        for label, value in kept.items():
-            colour = f"C{ACCURACY.index(label)}"
-            ax.barh(y, value, color="white" if student.published else colour, edgecolor=colour,
-                    hatch="///" if student.published else None)
-            ax.text(value + 1, y, f"{value:.1f}%", va="center", fontsize=7)
-            ticks.append((y, f"{student.name} / {teacher.name}: {label}{' (published)' if student.published else ''}"))
-            y += 1
-    ax.axvline(100, color="#444444", lw=0.8)
-    ax.set_yticks([t for t, _ in ticks], [name for _, name in ticks], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("student accuracy as % of its teacher's")
-    ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
 
 
 # --- tables -------------------------------------------------------------------------------------------------
 
 
 def _cell(row: Row, label: str) -> str:
-    """A score as shown: 2 decimals, with its shots when they are not the task's standard (HellaSwag: always)."""
+    """A score as shown: 2 decimals ± its standard error, with its shots when they are not the task's standard
+    (HellaSwag: always) and its number of documents."""
     value = row.scores[label]
     text = f"{value:.2f}" if math.isfinite(value) else str(value)
+    if label in row.stderr:
+        text += f" ± {row.stderr[label]:.2f}"
     standard = TASKS[SHOTS_OF[label]][0]
     if label == "HellaSwag" or row.shots.get(label, standard) != standard:
         text += f" ({row.shots[label]}-shot)"
+    if label in row.samples:
+        text += f" n={row.samples[label]}"
     return text
+
+
+CHANCE_NOTE = (
+    "± is lm-eval's standard error, n the number of documents. ≈ chance: within two standard errors of the "
+    f"task's chance level ({', '.join(f'{k} {v:g} %' for k, v in CHANCE.items())}); retained accuracy is not "
+    "computed from such scores."
+)
+
+
+def _retained_cell(student: Row, teacher: Row, kept: dict[str, float], label: str) -> str:
+    if label in kept:
+        return f"{kept[label]:.1f}%"
+    if label in student.scores and label in teacher.scores and (at_chance(student, label) or at_chance(teacher, label)):
+        return "≈ chance"
+    return "–"
 
 
 def _params(row: Row) -> str:
     text = human(row.params)
     return f"{text} ({human(row.active_params)} active)" if row.active_params else text
+
+
+def _continuations(row: Row) -> dict[str, str]:
+    return {g["prompt"]: g["continuation"] for g in row.generations if "prompt" in g and "continuation" in g}
+
+
+def _generations(rows: list[Row]) -> tuple[list[str], list[Row]]:
+    """The prompts any model continued (in first-seen order) and the models that continued any."""
+    models = [r for r in rows if _continuations(r)]
+    prompts = list(dict.fromkeys(p for r in models for p in _continuations(r)))
+    return prompts, models
+
+
+def _md_text(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;") or " "
 
 
 def _teacher_name(row: Row) -> str:
@@ -347,16 +295,17 @@ def markdown(measured: list[Row], published: list[Row], pairs, plots: dict[str, 
     header = ["model", "role", "params", *COLUMNS, "teacher", "notes"]
     lines += ["## Measured", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in measured:
-        cells = [row.name, row.role, _params(row), *(_cell(row, c) if c in row.scores else "–" for c in COLUMNS),
+        cells = [row.name, row.role, _params(row),
+                 *((_cell(row, c) + (" **≈ chance**" if at_chance(row, c) else "")) if c in row.scores else "–" for c in COLUMNS),
                  _teacher_name(row), "; ".join(row.notes)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "Accuracies in %, perplexity as is (lower is better). MMLU 5-shot, GSM8K 5-shot (strict and flexible "
-              "answer match); HellaSwag shots as marked.", ""]
+              "answer match); HellaSwag shots as marked. " + CHANCE_NOTE, ""]
     if pairs:
         lines += ["## Retained accuracy (student as % of its teacher)", "", "| student | teacher | " + " | ".join(ACCURACY) + " |",
                   "|---|---|" + "---|" * len(ACCURACY)]
         for student, teacher, kept in pairs:
-            cells = [f"{kept[label]:.1f}" if label in kept else "–" for label in ACCURACY]
+            cells = [_retained_cell(student, teacher, kept, label) for label in ACCURACY]
             tag = " (published)" if student.published else ""
             lines.append(f"| {student.name}{tag} | {teacher.name} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -370,6 +319,14 @@ def markdown(measured: list[Row], published: list[Row], pairs, plots: dict[str, 
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{title}](plots/{name}.svg)" for name, title in plots.items()] + [""]
+    prompts, models = _generations(measured)
+    if prompts:
+        lines += ["## Generated text", "", "Each model's greedy continuation of the same prompts.", "",
+                  "| prompt | " + " | ".join(r.name for r in models) + " |", "|---|" + "---|" * len(models)]
+        for prompt in prompts:
+            cells = [prompt] + [by.get(prompt, "–") for by in (_continuations(r) for r in models)]
+            lines.append("| " + " | ".join(_md_text(c) for c in cells) + " |")
+        lines.append("")
     lines += ["## Runs", ""]
     for row in measured:
         s, t = row.run["settings"], row.run["timing"]
@@ -392,17 +349,24 @@ tr.teacher td.name{font-weight:600}tr.published td{color:#666;font-style:italic}
 .tag.model{background:#e0f0e0;color:#2d6b2d}.tag.published{background:#eee;color:#555}
 figure{margin:1rem 0}figure svg{max-width:100%;height:auto}figcaption{font-size:.8rem;color:#555}
 .note{font-size:.8rem;color:#555}
+.tag.chance{background:#f6dddd;color:#8a2222}.n{font-size:.7rem;color:#777}
+details{margin:1rem 0}summary{cursor:pointer;font-weight:600}
+table.gen td{text-align:left;max-width:30rem;font-family:ui-monospace,monospace;font-size:.78rem;white-space:pre-wrap}
 """
 
 
 def _td(row: Row, label: str) -> str:
     if label not in row.scores:
         return "<td>–</td>"
-    return f'<td data-label="{html.escape(label)}" data-value="{row.raw[label]!r}">{html.escape(_cell(row, label))}</td>'
+    text, _, n = _cell(row, label).partition(" n=")
+    chance = at_chance(row, label)
+    return (f'<td data-label="{html.escape(label)}" data-value="{row.raw[label]!r}" data-chance="{str(chance).lower()}">'
+            f"{html.escape(text)}" + (f' <span class="n">n={html.escape(n)}</span>' if n else "")
+            + (_tag("chance", "≈ chance") if chance else "") + "</td>")
 
 
-def _tag(text: str) -> str:
-    return f'<span class="tag {text}">{text}</span>'
+def _tag(kind: str, text: str | None = None) -> str:
+    return f'<span class="tag {kind}">{text or kind}</span>'
 
 
 def html_page(measured: list[Row], published: list[Row], pairs, plots: dict[str, tuple[str, str]]) -> str:
@@ -427,14 +391,14 @@ def html_page(measured: list[Row], published: list[Row], pairs, plots: dict[str,
         )
     parts.append("</tbody></table>")
     parts.append('<p class="note">Accuracies in %, perplexity as is (lower is better). MMLU 5-shot, GSM8K 5-shot '
-                 "(strict / flexible answer match); HellaSwag acc_norm with its shots marked.</p>")
+                 f"(strict / flexible answer match); HellaSwag acc_norm with its shots marked. {e(CHANCE_NOTE)}</p>")
     if pairs:
         parts.append('<h2>Retained accuracy</h2><table id="retained"><thead><tr><th class="name">student</th>'
                      '<th class="name">teacher</th>' + "".join(f"<th>{c}</th>" for c in ACCURACY) + "</tr></thead><tbody>")
         for student, teacher, kept in pairs:
             cls = "published" if student.published else "student"
-            cells = "".join(f'<td data-label="{c}" data-value="{kept[c]!r}">{kept[c]:.1f}%</td>' if c in kept else "<td>–</td>"
-                            for c in ACCURACY)
+            cells = "".join(f'<td data-label="{c}" data-value="{kept[c]!r}">{kept[c]:.1f}%</td>' if c in kept
+                            else f"<td>{e(_retained_cell(student, teacher, kept, c))}</td>" for c in ACCURACY)
             tag = _tag("published") if student.published else ""
             parts.append(f'<tr class="{cls}"><td class="name">{e(student.name)}{tag}</td>'
                          f'<td class="name">{e(teacher.name)}</td>{cells}</tr>')
@@ -456,6 +420,17 @@ def html_page(measured: list[Row], published: list[Row], pairs, plots: dict[str,
         parts.append("<h2>Plots</h2>")
         for name, (title, svg) in plots.items():
             parts.append(f'<figure id="plot-{name}">{svg}<figcaption>{e(title)}</figcaption></figure>')
+    prompts, models = _generations(measured)
+    if prompts:
+        parts.append('<h2>Generated text</h2><details id="generations"><summary>Each model\'s greedy continuation of '
+                     f"the same {len(prompts)} prompts</summary>")
+        parts.append('<table class="gen"><thead><tr><th class="name">prompt</th>'
+                     + "".join(f'<th class="name">{e(r.name)}</th>' for r in models) + "</tr></thead><tbody>")
+        continuations = [_continuations(r) for r in models]
+        for prompt in prompts:
+            parts.append(f"<tr><td>{e(prompt)}</td>" + "".join(f"<td>{e(by.get(prompt, '–'))}</td>" for by in continuations)
+                         + "</tr>")
+        parts.append("</tbody></table></details>")
     parts.append('<h2>Runs</h2><ul class="note">')
     for row in measured:
         s, t, m = row.run["settings"], row.run["timing"], row.run["model"]
@@ -482,6 +457,7 @@ def write_report(results: list[str | Path], out: str | Path, *, references: bool
     """Read ``results``, write ``out/leaderboard.md``, ``out/leaderboard.html`` and ``out/plots/``."""
     from minitron.artifacts import atomic_dir, check_output_dir
     from minitron.report_console import progress
+    from minitron.report_plots import plot_accuracy_vs_params, plot_perplexity, plot_retained, plot_task_bars
 
     out = check_output_dir(out, overwrite)
     if not results:
@@ -491,14 +467,17 @@ def write_report(results: list[str | Path], out: str | Path, *, references: bool
     link(measured)
     link(published)
     pairs = [(r, r.teacher, retained(r, r.teacher)) for r in measured + published if r.teacher]
-    pairs = [p for p in pairs if p[2]]
+    # A pair stays in the table when it shares an accuracy, even if every score is at chance (marked so there).
+    pairs = [p for p in pairs if any(label in p[0].scores and label in p[1].scores for label in ACCURACY)]
     everything = measured + published
     figures = (
-        ("accuracy_vs_params", "Accuracy against parameters: filled = measured, hollow = published; lines join students to teachers",
-         lambda: plot_accuracy_vs_params(everything)),
-        ("task_bars", "Accuracy per task (hatched = published)", lambda: plot_task_bars(everything)),
-        ("retained", "Each student's accuracy as a percentage of its teacher's (hatched = published)",
-         lambda: plot_retained(pairs)),
+        ("accuracy_vs_params", "Accuracy against parameters: filled = measured, hollow = published; lines join students "
+         "to teachers; error bars ± 2 standard errors; dashed: chance", lambda: plot_accuracy_vs_params(everything)),
+        ("task_bars", "Accuracy per task (hatched = published); error bars ± 2 standard errors; dashed: chance",
+         lambda: plot_task_bars(everything)),
+        ("perplexity", "Perplexity of each measured model (lower is better, log scale)", lambda: plot_perplexity(measured)),
+        ("retained", "Each student's accuracy as a percentage of its teacher's, where neither is at chance "
+         "(hatched = published)", lambda: plot_retained([p for p in pairs if p[2]])),
     )  # fmt: skip
     plots: dict[str, tuple[str, str]] = {}
     with progress(transient=True) as bar:

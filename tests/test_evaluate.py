@@ -19,7 +19,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from minitron import eval_data
 from minitron.errors import UserError
-from minitron.evaluate import eval_dir, evaluate, parse_tasks, read_lineage, summarize
+from minitron.evaluate import PROMPTS, eval_dir, evaluate, generate_samples, parse_tasks, read_lineage, summarize
 from tiny import tiny_model
 
 SAMPLES = Path(__file__).parent / "data" / "eval"
@@ -320,6 +320,26 @@ def test_eval_cli_all_tasks_on_committed_samples(checkpoint, tmp_path):
         done = re.search(rf"{label}\s.*?(\d+)/(\d+)", result.stdout)
         assert done and done.group(1) == done.group(2) and int(done.group(1)) > 0, result.stdout
     assert section["settings"]["requests"] == 3 * 2 * 4 + 2 * 4 + 2 + 2
+    # The greedy continuations of the fixed prompts, for the report to show side by side.
+    assert section["generations"]["decoding"] == "greedy"
+    assert [g["prompt"] for g in section["generations"]["samples"]] == list(PROMPTS)
+
+
+def test_generations_are_greedy_and_fit_the_context():
+    tok = byte_tokenizer()
+    model = tiny_model("llama", seed=3, vocab_size=len(tok), max_position_embeddings=12, eos_token_id=tok.eos_token_id,
+                       bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id).eval()
+    [sample] = generate_samples(model, tok, ["abc"], max_new_tokens=5)
+    ids = tok("abc", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(5):  # the argmax token, one at a time
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            if ids[0, -1] == tok.eos_token_id:
+                break
+    assert sample == {"prompt": "abc", "continuation": tok.decode(ids[0, 3:], skip_special_tokens=True)}
+    # A prompt of 10 tokens in a 12-token context gets at most 2 new tokens, whatever was asked.
+    [long] = generate_samples(model, tok, ["0123456789"], max_new_tokens=5)
+    assert len(tok(long["continuation"]).input_ids) <= 2
 
 
 def test_summary_reads_hub_keys():

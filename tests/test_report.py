@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 from minitron.errors import UserError
 from minitron.evaluate import evaluate
-from minitron.report import ACCURACY, load_references, load_results, retained, write_report
+from minitron.evaluate import CHANCE, PROMPTS
+from minitron.report import ACCURACY, Row, at_chance, load_references, load_results, retained, write_report
 from test_evaluate import SAMPLES, assert_user_error, run, save_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -41,12 +43,65 @@ def test_roles_lineage_and_retained(results, tmp_path):
     out = write_report(results, tmp_path / "board")
     md = (out / "leaderboard.md").read_text()
     assert "| tiny-teacher | teacher |" in md and "| tiny-student | student |" in md
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["accuracy_vs_params.svg", "retained.svg", "task_bars.svg"]
-    # Every measured number appears as the Markdown shows it.
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["accuracy_vs_params.svg", "perplexity.svg", "retained.svg", "task_bars.svg"]
+    # Two random tiny models on a few questions score at chance: only the published pairs have a retained accuracy.
+    assert "tiny-student" not in (out / "plots" / "retained.svg").read_text()
+    # Every measured number appears as the Markdown shows it, with its standard error and documents.
     for row in (teacher, student):
         for label, value in row.scores.items():
-            assert f"{value:.2f}" in md, label
+            cell = f"{value:.2f}" + (f" ± {row.stderr[label]:.2f}" if label in row.stderr else "")
+            assert cell in md, label
+            assert f"n={row.samples[label]}" in md
+        assert row.stderr.keys() >= {"MMLU", "HellaSwag", "GSM8K"} and row.samples["MMLU"] == 9  # 3 subjects × 3
+    retained_row = next(line for line in md.splitlines() if line.startswith("| tiny-student | tiny-teacher |"))
+    assert retained_row.count("≈ chance") == sum(l in student.scores for l in ACCURACY) and "%" not in retained_row
     assert "## Published (not measured here)" in md and "| Llama-3.1-Minitron-4B-Width | 4.51B | 60.50 (5-shot) |" in md
+
+
+def _row(name, scores, stderr, samples=20):
+    samples = samples if isinstance(samples, dict) else {k: samples for k in scores}
+    return Row(name=name, params=1e7, scores=scores, shots={k: 5 for k in scores}, published=False, stderr=stderr,
+               samples=samples)
+
+
+def test_chance_level_scores_are_marked_and_give_no_retained_accuracy():
+    # The quickstart's case: 17.5 vs 21.25 % on 20 MMLU questions (standard errors ~8.7 and ~9.4).
+    n = {"MMLU": 20, "HellaSwag": 400}
+    teacher = _row("teacher", {"MMLU": 21.25, "HellaSwag": 45.0}, {"MMLU": 9.4, "HellaSwag": 2.5}, n)
+    student = _row("student", {"MMLU": 17.5, "HellaSwag": 40.0}, {"MMLU": 8.7, "HellaSwag": 2.5}, n)
+    assert at_chance(teacher, "MMLU") and at_chance(student, "MMLU")
+    assert not at_chance(teacher, "HellaSwag") and not at_chance(student, "HellaSwag")  # 40 - 25 > 2 × 2.5
+    assert retained(student, teacher) == pytest.approx({"HellaSwag": 100 * 40 / 45})
+    # Exactly two standard errors away is still chance; a hair beyond is not.
+    edge = _row("edge", {"HellaSwag": 33.0, "GSM8K": 0.0}, {"HellaSwag": 4.0, "GSM8K": 0.0}, samples=1000)
+    assert at_chance(edge, "HellaSwag") and at_chance(edge, "GSM8K")
+    edge.scores["HellaSwag"] = 33.01
+    assert not at_chance(edge, "HellaSwag")
+    # lm-eval's error of 0 of 6 right is 0, a guesser's on 6 questions is 17.7 points: 0 % is chance there.
+    assert at_chance(_row("none right", {"MMLU": 0.0}, {"MMLU": 0.0}, samples=6), "MMLU")
+    assert not at_chance(_row("none right", {"MMLU": 0.0}, {"MMLU": 0.0}, samples=200), "MMLU")
+    # A score with neither a standard error nor a number of documents (a published number) is not judged.
+    assert not at_chance(Row(name="published", params=1.0, scores={"MMLU": 25.0}, shots={}, published=True), "MMLU")
+    assert set(CHANCE) >= set(ACCURACY)
+
+
+def test_generations_side_by_side_and_perplexity_plot(results, tmp_path):
+    out = write_report(results, tmp_path / "board")
+    rows = [load_results(f) for f in results]
+    assert all([g["prompt"] for g in r.generations] == list(PROMPTS) for r in rows)
+    md = (out / "leaderboard.md").read_text()
+    assert "## Generated text" in md and "| prompt | tiny-teacher | tiny-student |" in md
+    for prompt in PROMPTS:
+        assert sum(line.startswith(f"| {prompt} |") for line in md.splitlines()) == 1
+    page = (out / "leaderboard.html").read_text()
+    details = page[page.index('<details id="generations">') : page.index("</details>")]
+    for row in rows:
+        for g in row.generations:
+            assert html_escape(g["continuation"]) in details
+    svg = (out / "plots" / "perplexity.svg").read_text()
+    assert "lower is better" in svg and "WikiText word ppl" in svg
+    assert "chance" in (out / "plots" / "task_bars.svg").read_text()
 
 
 def test_retained_is_student_over_teacher():
@@ -115,7 +170,7 @@ def test_html_renders_in_headless_chromium(results, tmp_path):
     assert dom.returncode == 0, dom.stderr
     parsed = _Cells()
     parsed.feed(dom.stdout)
-    assert parsed.svgs == 3  # accuracy vs parameters, per-task bars, retained accuracy
+    assert parsed.svgs == 4  # accuracy vs parameters, per-task bars, perplexity, retained (published pairs)
     # The numbers in the rendered page are the numbers in the results files.
     for path in results:
         section = json.loads(path.read_text())["minitron"]
