@@ -274,6 +274,31 @@ def quickstart(
     )  # fmt: skip
 
 
+@app.command()
+def study(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("minitron-study"),
+    teacher: Annotated[Optional[Path], typer.Option(help="Local teacher checkpoint (default: the bundled one).")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Text file or folder; every tenth document is held out "
+                                                      "(default: the bundled WikiText-2 train / valid).")] = None,
+    quick: Annotated[bool, typer.Option(help="Smoke-test sizes (under 5 minutes on 2 CPU cores).")] = False,
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds where a seed matters.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Distillation steps of ablations 1-3.")] = None,
+    retrain_steps: Annotated[Optional[int], typer.Option(help="Steps of each retraining run (ablation 4).")] = None,
+    search_steps: Annotated[Optional[int], typer.Option(help="Distillation steps before re-ranking (ablation 5).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """The papers' ablations on a teacher: importance, depth, width vs depth, retraining, search (study.md)."""
+    from dataclasses import replace
+
+    from minitron import study as st
+
+    base = st.QUICK if quick else st.Settings()
+    given = {"seeds": seeds, "steps": steps, "retrain_steps": retrain_steps, "search_steps": search_steps}
+    settings = replace(base, **{k: v for k, v in given.items() if v is not None})
+    done = st.run_study(out, teacher=teacher, text=text, quick=quick, settings=settings, overwrite=overwrite)
+    console.print(f"study: {done / 'study.md'} (results.json and plots/ beside it)")
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2; Ctrl-C and SIGTERM
     unwind (temporary outputs removed) and exit 130 and 143."""

@@ -74,13 +74,19 @@ class HeldOut:
 # --- the short distillation before scoring (--search-steps) --------------------------------------------------
 
 
+OBJECTIVES = ("kd", "lm", "kd+lm")
+
+
 def short_distill(
-    student: Any, teacher: Any, blocks: Any, *, steps: int, lr: float, batch_size: int, seed: int
+    student: Any, teacher: Any, blocks: Any, *, steps: int, lr: float, batch_size: int, seed: int,
+    objective: str = "kd", on_step: Any = None,
 ) -> None:
     """``steps`` steps of logit distillation (forward KL, τ = 1, AdamW, constant LR, grad-norm clip 1).
 
     Just enough retraining to let the candidates recover before they are compared (2407.14679 §3: the ranking
-    right after pruning changes after a few hundred steps, then stays put).
+    right after pruning changes after a few hundred steps, then stays put). ``objective`` ``"lm"`` trains on the
+    next-token loss alone (conventional retraining; ``teacher`` unused) and ``"kd+lm"`` on their sum, as the
+    ablations of ``minitron study`` compare; ``on_step(step)`` is called after each optimizer step.
 
     The student trains on float32 master weights and is left in float32, as ``distill`` trains: a candidate
     pruned from a bf16 teacher (a GPU search loads the checkpoint's dtype) would otherwise step AdamW on bf16
@@ -88,8 +94,10 @@ def short_distill(
     2⁻⁷) never move at a search LR of 1e-4, and many other weights freeze too. The forward and backward still
     run in the weights' original half precision under autocast, as ``distill`` computes with ``precision: bf16``.
     """
-    from minitron.losses import forward_kl, output_head
+    from minitron.losses import combine_losses, forward_kl, lm_loss, output_head
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
     torch.manual_seed(seed)
     device = next(student.parameters()).device
     half = next(student.parameters()).dtype
@@ -97,21 +105,33 @@ def short_distill(
     student.float()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    t_head, t_divisor = output_head(teacher)
+    t_head, t_divisor = output_head(teacher) if objective != "lm" else (None, 1.0)
     student.train()
     # A seeded order of the training blocks, the same for every candidate so that they see the same tokens.
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
     batches = blocks[order].split(max(1, batch_size))
     for step in range(steps):
         ids = batches[step % len(batches)].to(device)
-        with torch.no_grad():
-            t_hidden = _head_input(teacher, ids)
+        t_hidden = None
+        if objective != "lm":
+            with torch.no_grad():
+                t_hidden = _head_input(teacher, ids)
         with compute:
             s_head, s_divisor = output_head(student)
-            loss = forward_kl(_head_input(student, ids), s_head, t_hidden, t_head,
-                              student_divisor=s_divisor, teacher_divisor=t_divisor)
+            hidden = _head_input(student, ids)
+            # Position t predicts token t+1: the LM loss drops the last hidden state and the first label.
+            lm = lm_loss(hidden[:, :-1], s_head, ids[:, 1:], divisor=s_divisor) if objective != "kd" else None
+            if objective == "lm":
+                loss = lm
+            else:
+                kd = forward_kl(hidden, s_head, t_hidden, t_head, student_divisor=s_divisor, teacher_divisor=t_divisor)
+                loss = combine_losses(kd, lm=lm)["total"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            student.eval()
+            on_step(step + 1)
+            student.train()
     student.eval()
