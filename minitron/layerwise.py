@@ -204,7 +204,7 @@ class CheckpointLayers:
         names = [prefix + n for spec in memory for n in ([spec.name] if spec.name in direct else self._parts(spec))]
         tensors = self.reader.read(names)
         read = lambda name: tensors[prefix + name]  # noqa: E731
-        state = {spec.name: read(spec.name) if spec.name in direct else assemble(self.shape, spec, read) for spec in memory}
+        state = {s.name: read(s.name) if s.name in direct else assemble(self.shape, s, read) for s in memory}
         self.reader.fill(layer, state, self.device)
         try:
             yield layer

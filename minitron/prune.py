@@ -140,7 +140,9 @@ class Item:
     expert: int | None = None
 
 
-def student_items(plan: Plan, present: set[str] | None = None, layer_tensors: tuple[Tensor, ...] | None = None) -> list[Item]:
+def student_items(
+    plan: Plan, present: set[str] | None = None, layer_tensors: tuple[Tensor, ...] | None = None
+) -> list[Item]:
     """Every student tensor in checkpoint order (embedding, layers renumbered from 0, norm, head).
 
     ``present``: the teacher's tensor names; a tied ``lm_head.weight`` is written only if the teacher wrote
@@ -152,13 +154,13 @@ def student_items(plan: Plan, present: set[str] | None = None, layer_tensors: tu
     embed, *after = [spec for spec in t.global_tensors() if spec is not LM_HEAD]
     items = [Item(embed.name, embed.name, embed, None)]
     for new, layer in enumerate(plan.layers):
+        student, teacher = f"model.layers.{new}.", f"model.layers.{layer.source}."
         for spec in layer_tensors:
             if spec.per_expert:
                 for k, e in enumerate(layer.experts):
-                    name, source = spec.name.format(e=k), spec.name.format(e=e)
-                    items.append(Item(f"model.layers.{new}.{name}", f"model.layers.{layer.source}.{source}", spec, layer, k))
+                    items.append(Item(student + spec.name.format(e=k), teacher + spec.name.format(e=e), spec, layer, k))
             else:
-                items.append(Item(f"model.layers.{new}.{spec.name}", f"model.layers.{layer.source}.{spec.name}", spec, layer))
+                items.append(Item(student + spec.name, teacher + spec.name, spec, layer))
     items += [Item(spec.name, spec.name, spec, None) for spec in after]
     if not t.tied or (present is not None and LM_HEAD.name in present):
         items.append(Item(LM_HEAD.name, LM_HEAD.name, LM_HEAD, None))
@@ -335,7 +337,9 @@ def teacher_index(src: Path) -> dict[str, Stored]:
     return found
 
 
-def _check_checkpoint(stored: dict[str, Stored], plan: Plan, items: list[Item], layout: tuple[Tensor, ...], src: Path) -> None:
+def _check_checkpoint(
+    stored: dict[str, Stored], plan: Plan, items: list[Item], layout: tuple[Tensor, ...], src: Path
+) -> None:
     unknown = sorted(set(stored) - {name for name, _ in all_tensors(plan.teacher, layout)})
     if unknown:
         raise UserError(

@@ -97,10 +97,14 @@ def test_scores_are_deterministic_for_a_seed():
     assert not torch.equal(a["hidden"], c["hidden"])
 
 
-@pytest.mark.parametrize("batch_agg,seq_agg", [("l2", "mean"), ("mean", "l2"), ("var", "var")])
-def test_hooked_scores_equal_naive_scores_from_stored_activations(batch_agg, seq_agg):
-    """Hooks aggregate on the fly; here every activation is kept and aggregated afterwards."""
-    model = tiny_model("llama")
+@pytest.mark.parametrize(
+    "name,batch_agg,seq_agg",
+    [("llama", "l2", "mean"), ("llama", "mean", "l2"), ("llama", "var", "var"), ("nemotron", "l2", "mean")],
+)
+def test_hooked_scores_equal_naive_scores_from_stored_activations(name, batch_agg, seq_agg):
+    """Hooks aggregate on the fly; here every activation is kept and aggregated afterwards. Nemotron: its
+    neurons are down_proj's input, relu²(up(x)), and its channels LayerNorm1P's outputs (bias included)."""
+    model = tiny_model(name)
     shape = Shape.from_config(model.config)
     data = blocks()
     kept = {"o": [], "down": [], "norms": []}
@@ -225,7 +229,8 @@ def test_moe_instrumentation_leaves_outputs_unchanged(name):
     assert torch.equal(instrumented, eager)  # same operations in the same order
     torch.testing.assert_close(instrumented, default)
     assert torch.equal(restored, eager)
-    assert "forward" not in vars(model.model.layers[0].get_submodule(Shape.from_config(model.config).family.moe).experts)
+    moe = model.model.layers[0].get_submodule(Shape.from_config(model.config).family.moe)
+    assert "forward" not in vars(moe.experts)
 
 
 

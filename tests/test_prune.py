@@ -107,8 +107,9 @@ def test_neurons_equal_zeroed_down_proj_columns(family_name):
         for layer in plan.layers:
             block = model.model.layers[layer.source]
             if plan.teacher.experts:
+                experts = block.get_submodule(plan.teacher.family.moe).experts
                 for e, neurons in zip(layer.experts, layer.neurons):
-                    block.get_submodule(plan.teacher.family.moe).experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
+                    experts.down_proj[e][:, dropped(neurons, plan.teacher.ffn)] = 0
             else:
                 block.mlp.down_proj.weight[:, dropped(layer.neurons, plan.teacher.ffn)] = 0
     close(logits(student), logits(model))
@@ -318,7 +319,8 @@ def test_a_checkpoint_in_the_in_memory_layout_prunes_to_the_same_layout(tmp_path
     model, plan = teacher_and_plan(name, **shrink_everything(name))
     (tmp_path / "teacher").mkdir()
     model.config.save_pretrained(tmp_path / "teacher")
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (k == "lm_head.weight" and plan.teacher.tied)}
+    tied_head = {"lm_head.weight"} if plan.teacher.tied else set()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied_head}
     save_file(state, tmp_path / "teacher" / "model.safetensors", metadata={"format": "pt"})
     out = prune_checkpoint(tmp_path / "teacher", plan, tmp_path / "student")
     expected = prune_model(model, plan).state_dict()
@@ -349,6 +351,8 @@ def test_checkpoint_loads_and_generates(tmp_path, family_name):
         assert getattr(loaded.config, key) == getattr(teacher.config, key)
     if plan.teacher.tied:
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # Rotary settings travel unchanged: Nemotron rotates half of each head (head_dim is never pruned).
+    assert loaded.config.rope_parameters == teacher.config.rope_parameters
     layer_types = getattr(teacher.config, "layer_types", None)
     if layer_types:
         assert loaded.config.layer_types == [layer_types[i] for i in (0, 1, 3)]
