@@ -302,9 +302,9 @@ def study(
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2; Ctrl-C and SIGTERM
     unwind (temporary outputs removed) and exit 130 and 143."""
-    interrupt_on_signals()
     try:
-        app()
+        with interrupt_on_signals():
+            app()
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {e.line()}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)

@@ -7,6 +7,9 @@ Anything else that escapes is a bug in minitron and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 EXIT_USER_ERROR = 2
 
 
@@ -47,15 +50,23 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
 
 
-def interrupt_on_signals() -> None:
-    """Make SIGINT and SIGTERM raise :class:`Interrupted`. Only the main thread can install handlers;
-    elsewhere this does nothing."""
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While in the block, SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers come back
+    after it (the CLI may run inside another program, e.g. a test). Outside the main thread, which alone
+    can install handlers, this changes nothing."""
     import signal
     import threading
 
     def raise_interrupted(signum, frame):
         raise Interrupted(signum)
 
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, raise_interrupted)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
