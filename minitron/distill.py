@@ -362,19 +362,19 @@ def load_models(recipe: Recipe, world: World, trust_remote_code: bool) -> Distil
     teacher = None
     if recipe.teacher is not None:
         teacher = load(recipe.teacher.path, torch.bfloat16 if recipe.precision == "bf16" else torch.float32)
-    _check_pairs(recipe, student, teacher)
     distiller = Distiller(student, teacher, recipe).to(world.device)
     return parallelize(distiller, world, recipe.precision)
 
 
-def _check_pairs(recipe: Recipe, student: nn.Module, teacher: nn.Module | None) -> None:
+def _check_pairs(recipe: Recipe, student_config: Any, teacher_config: Any | None) -> None:
+    """Hidden-state pairs name existing layers: checked on the configs, before any weight is loaded."""
     for s, t in recipe.loss.hidden.pairs if recipe.loss.hidden else []:
-        for who, layer, model in (("student", s, student), ("teacher", t, teacher)):
-            if layer > model.config.num_hidden_layers:
+        for who, layer, config in (("student", s, student_config), ("teacher", t, teacher_config)):
+            if layer > config.num_hidden_layers:
                 raise UserError(
-                    f"{who} layer {layer} does not exist ({model.config.num_hidden_layers} layers)",
+                    f"{who} layer {layer} does not exist ({config.num_hidden_layers} layers)",
                     where="loss.hidden.pairs",
-                    fix=f"use 0 (embeddings) … {model.config.num_hidden_layers} (last layer)",
+                    fix=f"use 0 (embeddings) … {config.num_hidden_layers} (last layer)",
                 )
 
 
@@ -751,6 +751,7 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
     # a corrected rerun is never blocked by the debris of a refused one; the cheap checks come first.
     student_config, teacher_config, tokenizer = check_inputs(recipe, trust_remote_code=trust_remote_code)
     _check_context(recipe, student_config, teacher_config)
+    _check_pairs(recipe, student_config, teacher_config)
     accumulation = recipe.batch.accumulation_for(world.size)
     total_steps = recipe.steps()
     changes = check_run_dir(recipe, resume)
