@@ -54,7 +54,7 @@ TINY_STUDENT = "hidden_size=96,intermediate_size=256,num_hidden_layers=2,num_att
 # importance: an 8B forward over 32k tokens, 3 variants × 4 (40), eval: three tool processes (60). Their sum is
 # the default --budget: 8 minutes, inside one device call of 9. The small (CPU rehearsal) limits are guards
 # for a loaded 2-core machine, not estimates.
-BUDGETS = {"wheels": 45, "tests": 90, "distill": 150, "kd": 60, "importance": 60, "eval": 75}
+BUDGETS = {"wheels": 45, "tests": 90, "distill": 140, "kd": 60, "importance": 60, "eval": 85}
 BUDGETS_SMALL = {"wheels": 120, "tests": 240, "distill": 240, "kd": 240, "importance": 180, "eval": 300}
 
 
