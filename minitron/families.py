@@ -183,14 +183,14 @@ class Family:
     def is_moe(self) -> bool:
         return self.moe is not None
 
-    def check(self, config: Any) -> None:
+    def check(self, config: Any, where: str = "config.json") -> None:
         """Refuse, in one line, a config this family's table does not describe."""
         for key, allowed in self.requires.items():
             value = _get(config, key)
             if value not in allowed:
                 raise UserError(
                     f"{self.model_type} with {key}={value!r} is not supported",
-                    where="config.json",
+                    where=where,
                     fix=f"minitron prunes {self.model_type} models with {key} in {list(allowed)} "
                     "(every decoder layer an MoE layer)",
                 )
@@ -236,8 +236,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_of(config: Any) -> Family:
-    """The :class:`Family` of a transformers config (or a ``config.json`` dict)."""
+def family_of(config: Any, where: str = "config.json") -> Family:
+    """The :class:`Family` of a transformers config (or a ``config.json`` dict, read from ``where``)."""
     model_type = config["model_type"] if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UserError(
@@ -245,7 +245,7 @@ def family_of(config: Any) -> Family:
             fix=f"minitron supports: {', '.join(sorted(FAMILIES))}",
         )
     family = FAMILIES[model_type]
-    family.check(config)
+    family.check(config, where)
     return family
 
 
@@ -422,7 +422,7 @@ def read_config(model: str | Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"config.json is not valid JSON ({e.msg}, line {e.lineno})", where=str(config_file)) from None
-    family_of(config)
+    family_of(config, where=str(config_file))
     return config
 
 

@@ -98,7 +98,7 @@ def test_qwen3_moe_with_dense_layers_is_refused_in_one_line(tmp_path, field, val
     with pytest.raises(UserError) as e:
         read_config(tmp_path)
     line = e.value.line()
-    assert field in line and "not supported" in line and "\n" not in line
+    assert field in line and "not supported" in line and str(tmp_path / "config.json") in line and "\n" not in line
 
 
 def test_qwen3_8b_at_qwen3_4b_width_has_its_non_embedding_parameters():
