@@ -49,11 +49,11 @@ TINY_TEACHER = "hidden_size=128,intermediate_size=384,num_hidden_layers=2,num_at
 TINY_STUDENT = "hidden_size=96,intermediate_size=256,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,head_dim=32,vocab_size=2048"
 
 
-# Seconds per step. On an H200 (expected in brackets, from the FLOPs and bytes of each): wheels (20: the import
-# check loads torch, transformers, lm-eval, Liger's Triton kernels), tests (30), distill: building 12.5B random parameters, 6 settings × 4 steps and a profile (90), kd (30),
-# importance: an 8B forward over 32k tokens, 3 variants × 4 (40), eval: three tool processes (60). Their sum is
-# the default --budget: 8 minutes, inside one device call of 9. The small (CPU rehearsal) limits are guards
-# for a loaded 2-core machine, not estimates.
+# Seconds per step. On an H200 (expected in brackets, from the FLOPs and bytes of each): wheels (20: the
+# import check loads torch, transformers, lm-eval and Liger's Triton kernels), tests (30), distill: building
+# 12.5B random parameters, 6 settings × 4 steps and a profile (90), kd (30), importance: an 8B forward over 32k
+# tokens, 3 variants × 4 (40), eval: three tool processes (60). Their sum is the default --budget: 8 minutes,
+# inside one device call of 9. The small (CPU rehearsal) limits are guards for a loaded 2-core machine.
 BUDGETS = {"wheels": 60, "tests": 75, "distill": 140, "kd": 60, "importance": 60, "eval": 85}
 BUDGETS_SMALL = {"wheels": 120, "tests": 240, "distill": 240, "kd": 240, "importance": 180, "eval": 300}
 
