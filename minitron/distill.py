@@ -627,29 +627,22 @@ def _yaml(path: Path) -> Any:
 
 
 def _changes(old: Recipe, new: Recipe, where: Path) -> dict[str, list[Any]]:
-    before, after = old.model_dump(by_alias=True), new.model_dump(by_alias=True)
-    changed = {}
-    for key in before:
-        if key == "optimizer":
-            for name in before[key]:
-                if before[key][name] != after[key][name]:
-                    if name not in _RESUMABLE_OPTIMIZER:
-                        raise UserError(
-                            f"optimizer.{name} differs from the run being resumed",
-                            where=str(where),
-                            fix=f"resume with the same optimizer.{name} (of the optimizer only "
-                            f"{', '.join(_RESUMABLE_OPTIMIZER)} may change), or start a new run",
-                        )
-                    changed[f"optimizer.{name}"] = [before[key][name], after[key][name]]
-        elif before[key] != after[key]:
-            if key not in _RESUMABLE_CHANGES:
-                raise UserError(
-                    f"the recipe's {key!r} section differs from the run being resumed",
-                    where=str(where),
-                    fix=f"resume with the same {key} (only {', '.join((*_RESUMABLE_CHANGES, 'optimizer.lr'))} "
-                    "and the like may change), or start a new run",
-                )
-            changed[key] = [before[key], after[key]]
+    """``{key: [old, new]}`` for what a resume changes; a :class:`UserError` for a change it may not make."""
+    def flat(recipe: Recipe) -> dict[str, Any]:  # sections whole, the optimizer key by key
+        sections = recipe.model_dump(by_alias=True)
+        return {**{f"optimizer.{k}": v for k, v in sections.pop("optimizer").items()}, **sections}
+
+    before, after = flat(old), flat(new)
+    allowed = (*_RESUMABLE_CHANGES, *(f"optimizer.{k}" for k in _RESUMABLE_OPTIMIZER))
+    changed = {key: [before[key], after[key]] for key in before if before[key] != after[key]}
+    for key in changed:
+        if key not in allowed:
+            raise UserError(
+                f"{key} differs from the run being resumed" if "." in key
+                else f"the recipe's {key!r} section differs from the run being resumed",
+                where=str(where),
+                fix=f"resume with the same {key} (only {', '.join(allowed)} may change), or start a new run",
+            )  # fmt: skip
     return changed
 
 
@@ -756,8 +749,8 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
     total_steps = recipe.steps()
     changes = check_run_dir(recipe, resume)
     run_dir = Path(recipe.output.dir)
-    if resume and (run_dir / FINAL / "config.json").is_file() and not changes:
-        return run_dir / FINAL  # finished before, with this very recipe
+    if resume and (run_dir / FINAL / "config.json").is_file():
+        return run_dir / FINAL  # finished before (check_run_dir allowed any difference in the recipe)
     _seed_everything(recipe.seed)
 
     data = Blocks(
