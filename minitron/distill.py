@@ -2,12 +2,13 @@
 
 The whole run reads top to bottom in :func:`train`: setup → loop → save.
 
-* **setup** checks the recipe's inputs (paths, one shared vocabulary) and the run folder before anything
-  expensive, tokenizes the data once (cached), loads both models, puts them side by side in a
-  :class:`Distiller` and, with several processes, shards it with FSDP2 in :func:`parallelize`.
+* **setup** checks the recipe's inputs (paths, one shared vocabulary, context, hidden-state pairs) and the
+  run folder before anything expensive, tokenizes the data once (cached), loads both models, puts them side
+  by side in a :class:`Distiller` and, with several processes, shards it with FSDP2 in :func:`parallelize`;
+  only then is the run folder created, so a refused run leaves nothing that would block its corrected rerun.
 * **loop**: each optimizer step runs the step's micro-batches, normalises every loss by the number of
   valid tokens in the *whole* global batch (so 1 × 4 accumulation == 4 × 1 and 2 processes == 1), checks
-  loss and gradient norm are finite, then steps; evaluation on held-out blocks and atomic checkpoints
+  loss and gradient norm are finite (and says whether the teacher or the student went non-finite), then steps; evaluation on held-out blocks and atomic checkpoints
   (model, optimizer, scheduler, RNG of every process, data position) happen every N steps.
 * **save** writes a stock Hugging Face checkpoint (weights, config, tokenizer) whose model card gains the
   distillation lineage.
