@@ -77,7 +77,8 @@ def make_random_model(path: Path, hidden: int, layers: int, max_len: int, dtype:
 
 
 def describe(model: Path) -> str:
-    from minitron.families import Shape, read_config
+    from minitron.families import Shape
+    from minitron.inputs import read_config
 
     shape = Shape.from_config(read_config(model))
     return (f"{model.name}: Llama, hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads / "
@@ -85,7 +86,7 @@ def describe(model: Path) -> str:
 
 
 def check_context(model: Path, tasks: list[str]) -> None:
-    from minitron.families import read_config
+    from minitron.inputs import read_config
 
     context = read_config(model).get("max_position_embeddings", 0)
     if "gsm8k" in tasks and context <= 256:

@@ -236,9 +236,10 @@ def check_pruned(teacher: Path, student: Path, plan) -> list[str]:
     import torch
     from safetensors import safe_open
 
-    from minitron.prune import student_items, slice_tensor, teacher_index
+    from minitron.inputs import weights_index
+    from minitron.prune import student_items, slice_tensor
 
-    stored = teacher_index(teacher)
+    stored = weights_index(teacher)
     items = {item.name: item for item in student_items(plan, present=set(stored))}
     index_file = student / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else {}

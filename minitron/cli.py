@@ -15,6 +15,11 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+try:  # typer ≥ 0.20 carries its own copy of click
+    from typer._click import exceptions as click
+except ImportError:
+    from click import exceptions as click
+
 from minitron.errors import EXIT_USER_ERROR, Interrupted, UserError, interrupt_on_signals
 
 app = typer.Typer(
@@ -44,7 +49,8 @@ def print_json(obj) -> None:
 @app.command()
 def inspect(model: ModelArg, as_json: JsonOpt = False, trust_remote_code: bool = False) -> None:
     """Show a model's family, shape and parameter counts (no weights needed)."""
-    from minitron.families import Shape, load_config
+    from minitron.families import Shape
+    from minitron.inputs import load_config
     from minitron.report_console import shape_table
 
     shape = Shape.from_config(load_config(model, trust_remote_code=trust_remote_code))
@@ -124,19 +130,28 @@ def prune(
     import shlex
 
     from minitron import prune as pruning
-    from minitron.families import Shape, load_config
+    from minitron.families import Shape
+    from minitron.inputs import check_seq_len, load_config
     from minitron.plan import parse_layers, student_shape, summary_table
 
-    teacher = Shape.from_config(load_config(model, trust_remote_code=trust_remote_code))
+    explicit = {
+        "--hidden-size": hidden_size, "--ffn-size": ffn_size, "--heads": heads, "--kv-heads": kv_heads,
+        "--layers": layers, "--experts": experts, "--expert-ffn-size": expert_ffn_size, "--top-k": top_k,
+    }  # fmt: skip
+    searching = target is not None or active_target is not None
+    if not searching and drop_layers is None and all(v is None for v in explicit.values()):
+        # Without this a prune "to nothing" would write a full copy of the teacher.
+        raise UserError("no student shape given", fix=f"pass --target SIZE, or any of {', '.join(explicit)}, --drop-layers")
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    teacher = Shape.from_config(config)
+    if calib is not None:
+        check_seq_len(config, seq_len, "--seq-len")
     dropped = parse_layers(drop_layers, teacher.layers) if drop_layers else None
-    if target is not None or active_target is not None:
+    if searching:
         from minitron import search
         from minitron.report_console import search_tables
 
-        search.refuse_explicit({
-            "--hidden-size": hidden_size, "--ffn-size": ffn_size, "--heads": heads, "--kv-heads": kv_heads,
-            "--layers": layers, "--experts": experts, "--expert-ffn-size": expert_ffn_size, "--top-k": top_k,
-        })  # fmt: skip
+        search.refuse_explicit(explicit)
         info = search.prune_to_target(
             model, teacher, target=target, active_target=active_target, axes=axes, prune_heads=prune_heads,
             tolerance=tolerance, limits=limit or (), dry_run=dry_run, out=out, drop_layers=dropped,
@@ -299,18 +314,40 @@ def study(
     console.print(f"study: {done / 'study.md'} (results.json and plots/ beside it)")
 
 
+def _usage_line(e: Exception) -> str:
+    """click's message for a usage error (unknown verb or flag, a value of the wrong type, a missing argument)
+    as one line, with where to look; click itself would print a usage block or a box."""
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "minitron"
+    return f"{e.format_message()} — see `{where} --help`"
+
+
 def main() -> None:
-    """Console-script entry: user errors become one line on stderr and exit code 2; Ctrl-C and SIGTERM
-    unwind (temporary outputs removed) and exit 130 and 143."""
+    """Console-script entry: user errors, the CLI layer's usage errors included, become one line on stderr
+    and exit code 2; Ctrl-C and SIGTERM unwind (temporary outputs removed) and exit 130 and 143."""
     try:
         with interrupt_on_signals():
-            app()
+            # standalone_mode=False: click's own errors reach us instead of being printed as a usage block.
+            code = app(standalone_mode=False, prog_name="minitron")
+    except click.NoArgsIsHelpError as e:
+        e.show()  # plain `minitron`: the help, as users expect, with click's exit code for it
+        sys.exit(e.exit_code)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e.line()}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_USER_ERROR)
+        _error(e.line(), EXIT_USER_ERROR)
+    except click.ClickException as e:
+        _error(_usage_line(e), EXIT_USER_ERROR if isinstance(e, click.UsageError) else e.exit_code)
     except Interrupted as e:
         err_console.print(f"[bold red]interrupted[/] ({e}): no half-written output was left", highlight=False)
         sys.exit(e.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _error(line: str, code: int) -> None:
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from minitron.errors import UserError
+from minitron.inputs import read_text, text_lines
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Documents per tokenizer call: large enough to amortise the call, small enough not to over-tokenize.
@@ -94,7 +95,7 @@ def token_blocks(
 
 def _read_file(path: Path, *, allow_empty: bool) -> list[str]:
     if path.suffix == ".txt":
-        texts = _split_txt(path.read_text(encoding="utf-8", errors="replace"))
+        texts = _split_txt(read_text(path))
     elif path.suffix == ".jsonl":
         texts = _read_jsonl(path)
     elif path.suffix == ".parquet":
@@ -127,19 +128,18 @@ def _split_txt(text: str) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"line {lineno} is not valid JSON ({e.msg})", where=str(path)) from None
-            text = _text_field(record)
-            if text is None:
-                raise UserError(f"line {lineno} has no string field", where=str(path), fix='give each record a "text"')
-            if text.strip():
-                texts.append(text)
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"line {lineno} is not valid JSON ({e.msg})", where=str(path)) from None
+        text = _text_field(record)
+        if text is None:
+            raise UserError(f"line {lineno} has no string field", where=str(path), fix='give each record a "text"')
+        if text.strip():
+            texts.append(text)
     return texts
 
 

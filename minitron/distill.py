@@ -351,10 +351,10 @@ def compute_context(precision: str, world: World):
 
 
 def load_models(recipe: Recipe, world: World, trust_remote_code: bool) -> Distiller:
-    from transformers import AutoModelForCausalLM
+    from minitron.inputs import load_model
 
     def load(path: str, dtype: torch.dtype) -> nn.Module:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # Master weights of the student in float32; the frozen teacher is only ever read, so bf16 suffices.
     student = load(recipe.student.path, torch.float32)
@@ -593,7 +593,8 @@ def check_run_dir(recipe: Recipe, resume: bool) -> dict[str, Any]:
 def _run_bytes(recipe: Recipe) -> int:
     """Roughly what a run writes: the final student, and the checkpoints kept (float32 weights and Adam's
     two moments: 12 bytes per parameter each)."""
-    from minitron.families import Shape, read_config
+    from minitron.families import Shape
+    from minitron.inputs import read_config
 
     with contextlib.suppress(UserError, OSError, KeyError, TypeError, ValueError):
         params = Shape.from_config(read_config(recipe.student.path)).counts()["total"]

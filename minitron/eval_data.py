@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 from minitron.errors import UserError
+from minitron.inputs import read_text, text_lines
 
 # Where each task's files live under --data-dir: the layout of the published copies (see tests/data/eval).
 LAYOUT = {
@@ -73,19 +75,18 @@ def mmlu_subjects(data_dir: str | Path) -> list[str]:
 @functools.lru_cache(maxsize=256)
 def read_mmlu_csv(path: Path, subject: str) -> tuple[dict, ...]:
     """Rows of one MMLU CSV (header, four choices, 0-based answer) as ``cais/mmlu`` documents."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != MMLU_HEADER:
-            raise UserError(f"line 1: header is {header}, expected {','.join(MMLU_HEADER)}", where=str(path))
-        docs = []
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if len(row) != 6:
-                raise UserError(f"{len(row)} fields, expected 6 (question, 4 choices, answer)", where=where)
-            if row[5] not in ("0", "1", "2", "3"):
-                raise UserError(f"answer {row[5]!r} is not 0-3", where=where)
-            docs.append({"question": row[0], "subject": subject, "choices": row[1:5], "answer": int(row[5])})
+    reader = csv.reader(io.StringIO(read_text(path, newlines=False), newline=""))
+    header = next(reader, None)
+    if header != MMLU_HEADER:
+        raise UserError(f"line 1: header is {header}, expected {','.join(MMLU_HEADER)}", where=str(path))
+    docs = []
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if len(row) != 6:
+            raise UserError(f"{len(row)} fields, expected 6 (question, 4 choices, answer)", where=where)
+        if row[5] not in ("0", "1", "2", "3"):
+            raise UserError(f"answer {row[5]!r} is not 0-3", where=where)
+        docs.append({"question": row[0], "subject": subject, "choices": row[1:5], "answer": int(row[5])})
     if not docs:
         raise UserError("no questions after the header", where=str(path))
     return tuple(docs)
@@ -114,7 +115,7 @@ _LAST_SENTENCE = re.compile(r"^(?P<a>.*[.!?]) (?P<b>[a-z][^.!?]*)$")
 @functools.lru_cache(maxsize=8)
 def read_hellaswag(path: Path) -> tuple[dict, ...]:
     """HellaSwag's 6-line text layout (context, label, four endings) as ``Rowan/hellaswag`` documents."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     docs = []
@@ -165,19 +166,18 @@ def hellaswag(data_dir: str | None = None, **_: Any):
 @functools.lru_cache(maxsize=8)
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> tuple[dict, ...]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"not valid JSON ({e.msg})", where=where) from None
-            missing = [k for k in fields if not isinstance(doc, dict) or not isinstance(doc.get(k), str)]
-            if missing:
-                raise UserError(f"no string field {missing[0]!r}", where=where)
-            docs.append({k: doc[k] for k in fields})
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"not valid JSON ({e.msg})", where=where) from None
+        missing = [k for k in fields if not isinstance(doc, dict) or not isinstance(doc.get(k), str)]
+        if missing:
+            raise UserError(f"no string field {missing[0]!r}", where=where)
+        docs.append({k: doc[k] for k in fields})
     if not docs:
         raise UserError("no rows", where=str(path))
     return tuple(docs)
@@ -207,8 +207,8 @@ def _is_article_title(line: str) -> bool:
 def read_wikitext_pages(path: Path) -> tuple[dict, ...]:
     """Raw WikiText cut into articles like ``EleutherAI/wikitext_document_level``: a page starts at each
     article title line, and keeps its lines joined by ``\\n``; whitespace-only pieces are dropped."""
-    # Text mode turns the copy's CRLF line endings back into the upstream LF.
-    text = path.read_text(encoding="utf-8")
+    # CRLF line endings of the copy become the upstream LF.
+    text = read_text(path)
     pages, current = [], []
     for line in text.split("\n"):
         if _is_article_title(line):

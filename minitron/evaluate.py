@@ -98,6 +98,11 @@ def parse_tasks(text: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_shots(hellaswag_shots: int) -> None:
+    if hellaswag_shots not in HELLASWAG_SHOTS:
+        raise UserError(f"{hellaswag_shots} shots", where="--hellaswag-shots", fix="use 0 or 10")
+
+
 def parse_batch_size(text: str | int) -> str | int:
     if str(text) == "auto":
         return "auto"
@@ -212,19 +217,15 @@ def cpu_batch_size(max_length: int, vocab: int) -> int:
 
 def load_model(model: str | Path, *, device: str, dtype: str, tokenizer: str | None, trust_remote_code: bool):
     """The checkpoint and its tokenizer, on ``device``, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from minitron.families import load_tokenizer
+    from minitron.inputs import load_model as load_weights
+    from minitron.inputs import load_tokenizer
 
     torch_dtype = _resolve_dtype(dtype, device)
     tok = load_tokenizer(
         tokenizer or str(model), trust_remote_code=trust_remote_code,
         fix="save the tokenizer beside the checkpoint, or pass --tokenizer PATH_OR_HUB_ID",
     )  # fmt: skip
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot load the model weights ({str(e).splitlines()[0]})", where=str(model)) from None
+    lm = load_weights(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return lm.to(device).eval(), tok
 
 
@@ -426,8 +427,7 @@ def evaluate_model(
     from minitron.report_console import progress
 
     tasks = parse_tasks(tasks)
-    if hellaswag_shots not in HELLASWAG_SHOTS:
-        raise UserError(f"{hellaswag_shots} shots", where="--hellaswag-shots", fix="use 0 or 10")
+    check_shots(hellaswag_shots)
     shots = {name: TASKS[name][0] for name in tasks} | ({"hellaswag": hellaswag_shots} if "hellaswag" in tasks else {})
     found = eval_data.check(data_dir, tasks) if data_dir is not None else {}
     device = str(model.device)
@@ -507,7 +507,8 @@ def evaluate(
     ``prompts`` are continued greedily and recorded (``generations``) for the report to show side by side."""
     from minitron import eval_data
     from minitron.artifacts import atomic_file, check_output_dir, versions
-    from minitron.families import Shape, has_weights, is_local, load_config
+    from minitron.families import Shape
+    from minitron.inputs import check_weights, is_local, load_config
 
     started = time.perf_counter()
     # Everything that can be wrong with the input is found before the model is loaded.
@@ -515,14 +516,15 @@ def evaluate(
     batch_size = parse_batch_size(batch_size)
     if limit is not None and limit < 1:
         raise UserError(f"limit {limit}", where="--limit", fix="pass a positive number of documents per task")
+    check_shots(hellaswag_shots)
     check_output_dir(out, overwrite)
     if data_dir is not None:
         eval_data.check(data_dir, task_list)
     device = _resolve_device(device)
     config = load_config(model, trust_remote_code=trust_remote_code)
-    if is_local(model) and not has_weights(model):
-        raise UserError("folder has no *.safetensors weights", where=str(model), fix="pass a checkpoint folder")
     shape = Shape.from_config(config)
+    if is_local(model):
+        check_weights(model, shape)
 
     lm, tok = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     loaded = time.perf_counter()

@@ -33,10 +33,8 @@ streamed pruner accepts either layout and writes the student in the layout it re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from minitron.errors import UserError
@@ -405,65 +403,7 @@ def config_updates(teacher: Shape, student: Shape, config: Any = None) -> dict[s
     return updates
 
 
-# --- loading configs and models -----------------------------------------------------------------------------
-
-
-def read_config(model: str | Path) -> dict[str, Any]:
-    """``config.json`` of a local folder as a dict, with user errors for the usual mistakes."""
-    path = Path(model)
-    if not path.exists():
-        raise UserError("no such file or folder", where=str(path), fix="pass a checkpoint folder or a hub id")
-    if not path.is_dir():
-        raise UserError("not a folder", where=str(path), fix="pass the folder that holds config.json")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError("folder has no config.json", where=str(path), fix="pass a folder written by save_pretrained")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"config.json is not valid JSON ({e.msg}, line {e.lineno})", where=str(config_file)) from None
-    family_of(config, where=str(config_file))
-    return config
-
-
-def is_local(model: str | Path) -> bool:
-    """A path that exists, or one that looks like a path rather than a hub id ``org/name``."""
-    text = str(model)
-    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
-
-
-def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
-    """A transformers ``PretrainedConfig`` for a local folder or a hub id."""
-    from transformers import AutoConfig
-
-    if is_local(model):
-        read_config(model)  # raises the one-line errors before transformers gets a chance to
-    try:
-        config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(
-            f"cannot load a config ({str(e).splitlines()[0]})",
-            where=str(model),
-            fix="check the path or hub id, and HF_TOKEN / network access for gated hub models",
-        ) from None
-    family_of(config)
-    return config
-
-
-def load_tokenizer(
-    source: str | Path,
-    *,
-    trust_remote_code: bool = False,
-    fix: str = "save the tokenizer files (tokenizer.json, tokenizer_config.json) beside the checkpoint",
-) -> Any:
-    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load a tokenizer ({reason})", where=str(source), fix=fix) from None
+# --- models -------------------------------------------------------------------------------------------------------
 
 
 def meta_model(config: Any) -> Any:
@@ -473,11 +413,6 @@ def meta_model(config: Any) -> Any:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
-
-
-def has_weights(model: str | Path) -> bool:
-    path = Path(model)
-    return path.is_dir() and any(path.glob("*.safetensors"))
 
 
 def logits_divisor(config: Any) -> float:

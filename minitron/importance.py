@@ -244,7 +244,8 @@ def score_checkpoint(
     ``layer_loss``) and one decoder layer at a time get real memory, so an 8B teacher is scored on a
     machine that could not hold it.
     """
-    from minitron.families import load_config, meta_model
+    from minitron.families import meta_model
+    from minitron.inputs import load_config
 
     _check_aggregations(batch_agg, seq_agg)
     folder = Path(folder)
@@ -355,16 +356,17 @@ def score(
     loaded onto ``device`` when it fits there, else it is streamed one layer at a time from its safetensors
     (``offload`` forces that)."""
     from minitron.data import token_blocks
-    from minitron.families import has_weights, is_local, load_config, load_tokenizer
+    from minitron.inputs import check_seq_len, check_weights, is_local, load_config, load_tokenizer
 
     _check_aggregations(batch_agg, seq_agg)
     if batch_size < 1:
         raise UserError("must be ≥ 1", where="--batch-size")
     config = load_config(model, trust_remote_code=trust_remote_code)
     shape = Shape.from_config(config)
+    check_seq_len(config, seq_len, "--seq-len")
     local = is_local(model)
-    if local and not has_weights(model):
-        raise UserError("folder has no .safetensors weights", where=str(model), fix="importance needs a checkpoint with weights")
+    if local:
+        check_weights(model, shape)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
@@ -413,15 +415,10 @@ def run(
 
 
 def _load_model(model: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from minitron.inputs import load_model
 
-    try:
-        # Straight onto the device: a GPU run never holds the whole model in CPU memory too.
-        return AutoModelForCausalLM.from_pretrained(
-            str(model), dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code
-        )
-    except OSError as e:
-        raise UserError(f"cannot load the model ({str(e).splitlines()[0]})", where=str(model)) from None
+    # Straight onto the device: a GPU run never holds the whole model in CPU memory too.
+    return load_model(model, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code)
 
 
 def _download(repo: str) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,20 +239,10 @@ class CheckpointReader:
     """Tensors of a checkpoint folder by on-disk name, read lazily from its safetensors shards."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {k: self.folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            from safetensors import safe_open
+        from minitron.inputs import weights_index
 
-            shards = sorted(self.folder.glob("*.safetensors"))
-            if not shards:
-                raise UserError("folder has no .safetensors weights", where=str(self.folder), fix="pass a checkpoint folder")
-            self.files = {}
-            for shard in shards:
-                with safe_open(str(shard), framework="pt") as f:
-                    self.files.update({k: shard for k in f.keys()})
+        self.folder = Path(folder)
+        self.files = {name: stored.file for name, stored in weights_index(self.folder).items()}
 
     def keys(self):
         return self.files.keys()

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from minitron.artifacts import versions
-from minitron.families import is_local
+from minitron.inputs import is_local
 from minitron.plan import Plan, layer_ranges
 
 

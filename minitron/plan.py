@@ -59,11 +59,12 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     where = f"--drop-layers {text}"
     layers: set[int] = set()
     for part in text.replace(" ", "").split(","):
-        try:
-            first, _, last = part.partition("-")
-            lo, hi = int(first), int(last or first)
-        except ValueError:
-            raise UserError("not a layer list", where=where, fix="write ranges like 16-31 or 3,5,10-12") from None
+        first, dash, last = part.partition("-")
+        # "3-" or "-5" is an open range, not layer 3: refused rather than guessed.
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise UserError(f"{part!r} is not a layer or a range", where=where,
+                            fix=f"write layers and closed ranges like 16-31 or 3,5,10-12 (layers 0-{n_layers - 1})")
+        lo, hi = int(first), int(last or first)
         if lo > hi:
             raise UserError(f"range {part} runs backwards", where=where, fix=f"write it as {hi}-{lo}")
         if lo < 0 or hi >= n_layers:
@@ -128,7 +129,9 @@ def check_student(teacher: Shape, student: Shape) -> None:
     for key in FIXED:
         if getattr(student, key) != getattr(teacher, key):
             raise UserError(f"pruning cannot change {key} ({getattr(teacher, key)} → {getattr(student, key)})")
-    for key in ("hidden", "ffn", "layers", "heads", "kv_heads") + (("experts", "top_k") if teacher.experts else ()):
+    # kv_heads before heads: --kv-heads alone sets heads to kv_heads × the group size, so an out-of-range
+    # --kv-heads must be reported as itself, not as the heads it implies.
+    for key in ("hidden", "ffn", "layers", "kv_heads", "heads") + (("experts", "top_k") if teacher.experts else ()):
         value, limit = getattr(student, key), getattr(teacher, key)
         if value < 1:
             raise UserError(f"must be at least 1, got {value}", where=flag(key, teacher))
@@ -155,11 +158,17 @@ def check_student(teacher: Shape, student: Shape) -> None:
     if not FAMILIES[student.model_type].loads_width(student.hidden, student.heads):
         step = student.heads
         below, above = student.hidden // step * step, (student.hidden // step + 1) * step
+        where, fix = "--hidden-size", f"pass a multiple of {step}, e.g. {below} or {above}" if below else f"pass a multiple of {step}"
+        if student.hidden == teacher.hidden:
+            # The teacher's hidden size: what breaks it is the head count the user asked for.
+            where = "--heads" if student.kv_heads == teacher.kv_heads else "--heads/--kv-heads"
+            fits = [h for h in range(student.kv_heads, student.heads, student.kv_heads) if student.hidden % h == 0]
+            fix = f"pass --heads {fits[-1]}, or also --hidden-size a multiple of {step}" if fits else f"also pass --hidden-size a multiple of {step}"
         raise UserError(
             f"hidden size {student.hidden} is not a multiple of the {student.heads} query heads, which "
             f"{student.model_type} checkpoints require",
-            where="--hidden-size",
-            fix=f"pass a multiple of {step}, e.g. {below} or {above}" if below else f"pass a multiple of {step}",
+            where=where,
+            fix=fix,
         )
     if teacher.experts and student.experts < student.top_k:
         raise UserError(

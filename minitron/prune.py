@@ -29,11 +29,11 @@ import torch
 
 from minitron.artifacts import atomic_dir, check_output_dir
 from minitron.errors import UserError
-from minitron.families import LM_HEAD, Shape, Tensor, config_updates, read_config
+from minitron.families import LM_HEAD, Shape, Tensor, config_updates
+from minitron.inputs import INDEX_FILE, Stored, all_tensors, check_weights, read_config, stored_layout
 from minitron.plan import LayerPlan, Plan
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what save_pretrained and the Llama / Granite checkpoints use
-INDEX_FILE = "model.safetensors.index.json"
 # Files that travel with a checkpoint unchanged: tokenizer, generation settings and the licence terms that
 # the teacher's licence (e.g. Llama 3.1's) asks to pass on with derivatives.
 COPIED = (
@@ -167,28 +167,6 @@ def student_items(
     return items
 
 
-def all_tensors(shape: Shape, layer_tensors: tuple[Tensor, ...] | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Every (stored name, axes) the family table allows in a checkpoint of ``shape`` in the layout
-    ``layer_tensors`` (default: on disk), a tied head included."""
-    layer_tensors = shape.layer_tensors() if layer_tensors is None else layer_tensors
-    for spec in shape.global_tensors() + ((LM_HEAD,) if shape.tied else ()):
-        yield spec.name, spec
-    for i in range(shape.layers):
-        for spec in layer_tensors:
-            for name in shape.stored_names(spec.name):
-                yield f"model.layers.{i}.{name}", spec
-
-
-def stored_layout(shape: Shape, names: set[str]) -> tuple[Tensor, ...]:
-    """The layout of a checkpoint's decoder layers: on disk (what the hub holds and ``save_pretrained``
-    writes), or in memory (transformers loads that as well), whichever its names are in."""
-    memory = shape.memory_layer_tensors()
-    differs = [t for t in memory if t.parts]
-    if differs and all(f"model.layers.0.{t.name}" in names for t in differs):
-        return memory
-    return shape.layer_tensors()
-
-
 # --- the student config -----------------------------------------------------------------------------------------
 
 
@@ -294,71 +272,6 @@ def _shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
 # --- reading the teacher ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stored:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def teacher_index(src: Path) -> dict[str, Stored]:
-    """Name → (file, dtype, shape) of every tensor in a safetensors checkpoint, from the headers only."""
-    from safetensors import SafetensorError, safe_open
-
-    index_file = src / INDEX_FILE
-    if index_file.is_file():
-        try:
-            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise UserError(f"not a safetensors index ({type(e).__name__})", where=str(index_file)) from None
-    else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
-    if not files:
-        raise UserError(
-            "no *.safetensors weights",
-            where=str(src),
-            fix="minitron reads safetensors only (it never loads pickled .bin files); re-save the model with "
-            "save_pretrained(..., safe_serialization=True), or use --dry-run for shapes alone",
-        )
-    found: dict[str, Stored] = {}
-    for name in files:
-        path = src / name
-        if not path.is_file():
-            raise UserError("shard named in the index is missing", where=str(path), fix="re-download the checkpoint")
-        try:
-            with safe_open(path, "pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    found[key] = Stored(path, sl.get_dtype(), tuple(sl.get_shape()))
-        except (SafetensorError, OSError) as e:
-            raise UserError(
-                f"corrupt safetensors file ({str(e).splitlines()[0]})", where=str(path), fix="re-download or re-save it"
-            ) from None
-    return found
-
-
-def _check_checkpoint(
-    stored: dict[str, Stored], plan: Plan, items: list[Item], layout: tuple[Tensor, ...], src: Path
-) -> None:
-    unknown = sorted(set(stored) - {name for name, _ in all_tensors(plan.teacher, layout)})
-    if unknown:
-        raise UserError(
-            f"checkpoint has tensors the {plan.teacher.model_type} table does not know: {', '.join(unknown[:3])}",
-            where=str(src),
-            fix="re-save the model with a current transformers (save_pretrained)",
-        )
-    for item in items:
-        if item.source not in stored:
-            raise UserError(f"checkpoint lacks {item.source}", where=str(src), fix="re-download the checkpoint")
-        expected = plan.teacher.stored_shape(item.spec)
-        if stored[item.source].shape != expected:
-            raise UserError(
-                f"{item.source} has shape {stored[item.source].shape}, config.json says {expected}",
-                where=str(src),
-                fix="the weights do not belong to this config.json",
-            )
-
-
 def _read(stored: Stored, item: Item, plan: Plan) -> torch.Tensor:
     """One teacher tensor, cut: the file is mapped only while this tensor is read."""
     from safetensors import safe_open
@@ -407,10 +320,9 @@ def prune_checkpoint(
     src, out = Path(src), check_output_dir(out, overwrite)
     config = read_config(src)
     _check_teacher(Shape.from_config(config), plan, where=str(src / "config.json"))
-    stored = teacher_index(src)
+    stored = check_weights(src, plan.teacher)
     layout = stored_layout(plan.teacher, set(stored))
     items = student_items(plan, present=set(stored), layer_tensors=layout)
-    _check_checkpoint(stored, plan, items, layout, src)
 
     entries = [(item.name, stored[item.source].dtype, plan.student.stored_shape(item.spec)) for item in items]
     sizes = [math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in entries]
@@ -463,7 +375,7 @@ class Calibration:
 
 def local_checkpoint(model: str) -> Path:
     """A local checkpoint folder for ``model``: the folder itself, or a hub snapshot (weights and tokenizer)."""
-    from minitron.families import is_local
+    from minitron.inputs import is_local
 
     if is_local(model):
         read_config(model)
@@ -528,7 +440,7 @@ def run(
         raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to see the shape only")
     check_output_dir(out, overwrite)
     src = local_checkpoint(model)
-    stored = teacher_index(src)  # a corrupt checkpoint is refused before an hour of calibration, not after
+    check_weights(src, teacher)  # a broken checkpoint is refused before an hour of calibration, not after
     # The student's bytes at the teacher's bytes per parameter: known before calibration chooses what stays.
     stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
     stored_params = sum(math.prod(t.shape) for t in stored.values())

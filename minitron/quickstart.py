@@ -71,9 +71,12 @@ class Settings:
     seed: int = 0
 
     def check(self) -> None:
+        from minitron.evaluate import parse_tasks
+
         for name, value in asdict(self).items():
             if isinstance(value, (int, float)) and name != "seed" and value <= 0:
                 raise UserError(f"must be positive, got {value}", where=f"--{name.replace('_', '-')}")
+        parse_tasks(self.tasks)  # a typo in --tasks is refused now, not after an hour of distillation
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,8 @@ def prune_stage(teacher: Path, text: Path, layout: Layout, s: Settings, show: bo
     --calib TEXT -o pruned``: every width shape within 2 % of half the teacher, ranked by held-out LM loss
     right after pruning, the best one written."""
     from minitron import search
-    from minitron.families import Shape, load_config
+    from minitron.families import Shape
+    from minitron.inputs import load_config
     from minitron.prune import Calibration
 
     shape = Shape.from_config(load_config(teacher))
@@ -321,7 +325,7 @@ def run(
 
     from minitron import assets
     from minitron.artifacts import check_output_dir
-    from minitron.families import read_config
+    from minitron.inputs import read_config
 
     try:
         s = Settings(**{**asdict(settings or Settings()), **overrides})

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from minitron.errors import UserError
+from minitron.inputs import read_text
 
 # --- the schema -----------------------------------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise UserError("no such recipe file", where=str(path), fix="pass a YAML file, e.g. recipes/tiny-cpu.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -308,7 +309,7 @@ def _short(value: Any) -> str:
 
 def is_hub_id(name: str) -> bool:
     """``org/name`` that is not an existing path: a Hugging Face hub id."""
-    from minitron.families import is_local
+    from minitron.inputs import is_local
 
     return not is_local(name)
 
@@ -318,7 +319,7 @@ def check_paths(recipe: Recipe) -> list[str]:
 
     Returns notes on what could not be checked offline (hub ids).
     """
-    from minitron.families import read_config
+    from minitron.inputs import read_config
 
     notes = []
     for role, section in (("teacher", recipe.teacher), ("student", recipe.student)):
@@ -355,13 +356,24 @@ def check_inputs(recipe: Recipe, *, trust_remote_code: bool = False) -> tuple[An
     Returns ``(student_config, teacher_config or None, tokenizer)``. The tokenizer is the student's, or
     the teacher's when the student folder has none (a pruned checkpoint written without one).
     """
-    from minitron.families import load_config
+    from minitron.families import Shape
+    from minitron.inputs import check_weights, is_local, load_config
+
+    def checked(role: str, path: str) -> Any:
+        # Weights too, from their headers: a broken teacher is refused now, not after tokenizing the data.
+        config = load_config(path, trust_remote_code=trust_remote_code)
+        if is_local(path):
+            try:
+                check_weights(path, Shape.from_config(config))
+            except UserError as e:
+                raise UserError(e.what, where=f"{role}.path {e.where}", fix=e.fix) from None
+        return config
 
     check_paths(recipe)
-    student_config = load_config(recipe.student.path, trust_remote_code=trust_remote_code)
+    student_config = checked("student", recipe.student.path)
     teacher_config = None
     if recipe.teacher is not None:
-        teacher_config = load_config(recipe.teacher.path, trust_remote_code=trust_remote_code)
+        teacher_config = checked("teacher", recipe.teacher.path)
         if teacher_config.vocab_size != student_config.vocab_size:
             raise UserError(
                 f"teacher vocab_size {teacher_config.vocab_size} ≠ student vocab_size {student_config.vocab_size}",

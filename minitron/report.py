@@ -19,7 +19,6 @@ Published rows come from ``eval/references.yaml`` and are always labelled as pub
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -95,9 +94,11 @@ def load_references(path: str | Path | None = None) -> list[Row]:
     """The published rows of ``eval/references.yaml`` (schema-checked: a typo is an error, not a default)."""
     import yaml
 
+    from minitron.inputs import read_text
+
     path = Path(path) if path else eval_dir() / "references.yaml"
     try:
-        data = _References.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+        data = _References.model_validate(yaml.safe_load(read_text(path)))
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", where=str(path)) from None
@@ -124,13 +125,10 @@ def load_references(path: str | Path | None = None) -> list[Row]:
 
 def load_results(path: str | Path) -> Row:
     """One results file of ``minitron eval``; anything else is a one-line :class:`UserError`."""
+    from minitron.inputs import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("no such file", where=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"not valid JSON ({getattr(e, 'msg', e)})", where=str(path)) from None
+    data = read_json(path)
     section = data.get(TOOL) if isinstance(data, dict) else None
     if not isinstance(section, dict) or section.get("tool") != TOOL:
         tool = "lm-eval" if isinstance(data, dict) and "lm_eval_version" in data else "an unknown tool"

@@ -143,7 +143,7 @@ def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, t
     it is disjoint from their blocks when ``--calib`` and ``--seed`` are those the scores were computed with.
     """
     from minitron.data import token_blocks
-    from minitron.families import load_tokenizer
+    from minitron.inputs import load_tokenizer
 
     settings = (scores.meta.get("settings", {}) if scores is not None else {}) or {}
     samples = int(settings.get("samples", calibration.samples))
@@ -187,12 +187,10 @@ def run(
     tokens), then the model is loaded once: importance scores (unless ``scores_file``), held-out scoring of
     the first ``ranking.top_k`` candidates, and the streamed prune of the winner into ``out``.
     """
-    from transformers import AutoModelForCausalLM
-
     from minitron import prune as pruning
     from minitron.artifacts import atomic_dir, check_output_dir
-    from minitron.families import load_config
     from minitron.importance import Scores, compute_scores, resolve_dtype
+    from minitron.inputs import check_weights, load_config, load_model
     from minitron.plan import make_plan, summary
     from minitron.report_console import progress
 
@@ -203,7 +201,7 @@ def run(
         raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to list the candidates")
     check_output_dir(out, overwrite)
     src = pruning.local_checkpoint(model)
-    pruning.teacher_index(src)  # a corrupt checkpoint is refused before any calibration, not after
+    check_weights(src, teacher)  # a broken checkpoint is refused before any calibration, not after
     scores = Scores.load(scores_file, expect=teacher) if scores_file is not None else None
     if _needs_data(shortlist, teacher, ranking, scores) and calibration is None:
         raise UserError(
@@ -228,7 +226,7 @@ def run(
         )
         # As `minitron importance` does: the checkpoint's half precision on a GPU, float32 on the CPU.
         dtype = resolve_dtype("auto", load_config(src, trust_remote_code), device)
-        teacher_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+        teacher_model = load_model(src, dtype=dtype, trust_remote_code=trust_remote_code)
         teacher_model = teacher_model.to(device).eval()
         computed = None
         if scores is None:

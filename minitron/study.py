@@ -89,22 +89,20 @@ def _documents(text: str | Path | None) -> tuple[list[str], list[str], str]:
 
 
 def _teacher(path: str | Path | None):
-    from transformers import AutoModelForCausalLM
-
     from minitron import assets
-    from minitron.families import Shape, has_weights, load_config, load_tokenizer
+    from minitron.families import Shape
+    from minitron.inputs import check_weights, load_config, load_model, load_tokenizer
 
     path = Path(path) if path is not None else assets.teacher_path()
     if not path.is_dir():
         raise UserError("not a local checkpoint folder", where=str(path), fix="pass a folder with config.json and weights")
     config = load_config(path)  # one-line errors for a missing config / unsupported family
-    if not has_weights(path):
-        raise UserError("folder has no *.safetensors weights", where=str(path), fix="pass a checkpoint folder")
     shape = Shape.from_config(config)
+    check_weights(path, shape)
     if shape.experts:
         raise UserError("the study compares dense width and depth pruning", where=str(path), fix="pass a dense teacher")
     tok = load_tokenizer(str(path), fix="save the tokenizer beside the checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = load_model(path, dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return path, model, tok, shape

@@ -7,7 +7,8 @@ import torch
 from tiny import FAMILY_NAMES, tiny_model
 
 from minitron.errors import UserError
-from minitron.families import FAMILIES, Shape, config_updates, load_config, meta_model, read_config
+from minitron.families import FAMILIES, Shape, config_updates, meta_model
+from minitron.inputs import load_config, read_config
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
 SHARED_MODELS = sorted(glob.glob(str(Path(__file__).parents[1] / ".." / "shared" / "models" / "*" / "config.json")))

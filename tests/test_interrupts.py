@@ -20,7 +20,8 @@ from tiny import save_tiny, tiny_tokenizer
 
 from minitron import prune, quickstart
 from minitron.distill import train
-from minitron.families import Shape, load_config
+from minitron.families import Shape
+from minitron.inputs import load_config
 from minitron.plan import student_shape
 from minitron.recipe import load_recipe
 

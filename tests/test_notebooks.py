@@ -88,7 +88,8 @@ def test_quickstart_prunes_to_half_and_distillation_recovers(tmp_path):
     notebook = execute("01_quickstart.ipynb", tmp_path)
     run = tmp_path / "work" / "quickstart-run"
 
-    from minitron.families import Shape, load_config
+    from minitron.families import Shape
+    from minitron.inputs import load_config
     from minitron.assets import teacher_path
 
     teacher = Shape.from_config(load_config(teacher_path())).counts()["total"]

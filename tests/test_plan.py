@@ -8,7 +8,8 @@ import torch
 from tiny import tiny_config
 
 from minitron.errors import UserError
-from minitron.families import Shape, read_config
+from minitron.families import Shape
+from minitron.inputs import read_config
 from minitron.importance import Scores
 from minitron.plan import LayerPlan, Plan, identity_plan, layer_ranges, make_plan, parse_layers, student_shape
 
@@ -45,7 +46,7 @@ def test_parse_layers():
     assert layer_ranges([3, 5, 10, 11, 12]) == "3,5,10-12"
 
 
-@pytest.mark.parametrize("text, needle", [("a-b", "not a layer list"), ("5-3", "backwards"),
+@pytest.mark.parametrize("text, needle", [("a-b", "not a layer or a range"), ("3-", "closed ranges"), ("5-3", "backwards"),
                                           ("30-32", "does not exist"), ("0-31", "every layer"), ("-1", "not a")])
 def test_parse_layers_refuses(text, needle):
     with pytest.raises(UserError, match=needle):

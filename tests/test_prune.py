@@ -434,7 +434,8 @@ def test_streamed_peak_memory_is_far_below_the_checkpoint(tmp_path):
         import json, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_plan import random_scores
-        from minitron.families import Shape, read_config
+        from minitron.families import Shape
+        from minitron.inputs import read_config
         from minitron.plan import make_plan, student_shape
         from minitron.prune import prune_checkpoint
 
@@ -492,7 +493,7 @@ def cli(*args):
     ids=["llama-width", "llama-depth", "minitron-8b", "minitron-4b"],
 )  # fmt: skip
 def test_full_size_dry_run_gives_the_published_shapes(tmp_path, teacher, flags, reference, total):
-    from minitron.families import read_config
+    from minitron.inputs import read_config
 
     result = cli(SHARED / teacher, *flags, "--dry-run", "--json", "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -603,7 +604,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, checkpoints, case):
     elif case == "corrupt-checkpoint":
         shutil.copytree(llama, tmp_path / "teacher")
         corrupt(tmp_path / "teacher" / "model.safetensors")
-        assert_refused(cli(tmp_path / "teacher", "-o", out, "--drop-layers", 1), out, "corrupt safetensors")
+        assert_refused(cli(tmp_path / "teacher", "-o", out, "--drop-layers", 1), out, "damaged safetensors")
     elif case == "no-weights":
         (tmp_path / "teacher").mkdir()
         shutil.copy(llama / "config.json", tmp_path / "teacher")

@@ -272,7 +272,8 @@ def test_llama_candidates_keep_hidden_a_multiple_of_the_heads():
     from transformers import AutoConfig
 
     from minitron.assets import teacher_path
-    from minitron.families import config_updates, read_config
+    from minitron.families import config_updates
+    from minitron.inputs import read_config
 
     raw = read_config(teacher_path())
     teacher = Shape.from_config(raw)

@@ -1,0 +1,363 @@
+"""The one way in: every file a user hands minitron is read and checked here, before any work starts.
+
+Text (calibration and training data, evaluation files, recipes, results), ``config.json``, checkpoint
+weights and tokenizers each have one reader, used by every verb, and each way they can be broken is one
+:class:`~minitron.errors.UserError` naming the file and the fix:
+
+* text that is binary or not UTF-8 (the line and byte offset are named);
+* a ``config.json`` that is not a JSON object, has no or an unknown ``model_type``, or a size field that is
+  not a positive whole number;
+* weights that are truncated, have a damaged header, lack a tensor the family table expects, hold one of the
+  wrong shape or one it does not know, or are pickles only (``pytorch_model.bin``: never loaded, by any verb).
+
+Weights are checked from the safetensors headers alone (milliseconds for an 8B checkpoint), so that a
+broken checkpoint is refused before an hour of calibration, not after. :func:`load_model` then loads with
+transformers and refuses what its loading report shows missing or reshaped, which also covers hub ids:
+transformers would otherwise initialise a missing tensor at random and carry on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minitron.errors import UserError
+from minitron.families import FAMILIES, LM_HEAD, Shape, Tensor, family_of
+
+INDEX_FILE = "model.safetensors.index.json"
+TO_UTF8 = "save it as UTF-8 text (e.g. iconv -f latin1 -t utf-8 FILE > NEW)"
+TO_SAFETENSORS = (
+    "minitron reads safetensors only and never loads pickles; convert it once with transformers: "
+    "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
+)
+
+# --- text -------------------------------------------------------------------------------------------------------
+
+
+def decode(data: bytes, where: str, *, line: int = 1, offset: int = 0) -> str:
+    """``data`` as text, refusing binary data and bytes that are not UTF-8 (a leading BOM is dropped).
+
+    ``line`` and ``offset``: where ``data`` starts in its file, for the message."""
+
+    def at(position: int) -> str:
+        lines = data.count(b"\n", 0, position)
+        return f"line {line + lines}, byte offset {offset + position}"
+
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        # UTF-8 allows NUL, but no text format minitron reads contains one: it is a binary file.
+        raise UserError(f"binary data, not text (NUL byte at {at(nul)})", where=where, fix=TO_UTF8)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at {at(e.start)})", where=where, fix=TO_UTF8) from None
+
+
+def read_text(path: str | Path, *, newlines: bool = True) -> str:
+    """A whole text file, checked by :func:`decode`; a missing or unreadable file is a one-line error too.
+
+    ``newlines``: CRLF and CR become LF, as ``Path.read_text`` does; ``False`` keeps them (for ``csv``, which
+    must see the line endings inside quoted fields as they are).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError("no such file", where=str(path), fix="check the path") from None
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path)) from None
+    text = decode(data, str(path))
+    return text.replace("\r\n", "\n").replace("\r", "\n") if newlines else text
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file read one line at a time (large JSONL files), checked as
+    :func:`decode` checks a whole file."""
+    path = Path(path)
+    offset = 0
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                yield number, decode(raw, f"{path}:{number}", line=number, offset=offset)
+                offset += len(raw)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path)) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file (UTF-8), with the line of a syntax error."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg} at line {e.lineno})", where=str(path)) from None
+
+
+# --- config.json ------------------------------------------------------------------------------------------------
+
+# Config fields that count something: each must be a whole number ≥ 1 where present. (Shape fields derived
+# from them are checked again after Shape.from_config, which catches the required ones that are absent.)
+SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "max_position_embeddings", "num_local_experts", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size",
+)  # fmt: skip
+# The config field behind each Shape field, for the message when a derived value is missing or wrong.
+SHAPE_FIELDS = {
+    "hidden": "hidden_size", "ffn": "intermediate_size", "layers": "num_hidden_layers",
+    "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "vocab": "vocab_size",
+}  # fmt: skip
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def check_config(config: Any, where: str) -> Shape:
+    """The :class:`Shape` of a config (dict or transformers config), refusing sizes that are not positive
+    whole numbers and a head layout that cannot be grouped; ``where`` names the file in messages."""
+    family_of(config, where)
+    for key in SIZE_FIELDS:
+        value = _get(config, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} is {value!r}, not a whole number", where=where, fix="fix or re-save config.json")
+        if value < 1:
+            raise UserError(f"{key} is {value}; it must be at least 1", where=where, fix="fix or re-save config.json")
+    for key in ("hidden_size", "num_attention_heads"):
+        if _get(config, key) is None:
+            raise UserError(f"config.json has no {key}", where=where, fix="re-save the config with save_pretrained")
+    shape = Shape.from_config(config)
+    for name, key in SHAPE_FIELDS.items():
+        value = getattr(shape, name)
+        if value is None or value < 1:
+            raise UserError(f"config.json has no usable {key} ({value})", where=where,
+                            fix="re-save the config with save_pretrained")  # fmt: skip
+    if shape.heads % shape.kv_heads:
+        raise UserError(
+            f"num_attention_heads {shape.heads} is not a multiple of num_key_value_heads {shape.kv_heads}",
+            where=where,
+            fix="fix or re-save config.json",
+        )
+    return shape
+
+
+def read_config(model: str | Path) -> dict[str, Any]:
+    """``config.json`` of a local folder as a dict, checked (see :func:`check_config`)."""
+    path = Path(model)
+    if not path.exists():
+        raise UserError("no such file or folder", where=str(path), fix="pass a checkpoint folder or a hub id")
+    if not path.is_dir():
+        raise UserError("not a folder", where=str(path), fix="pass the folder that holds config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError("folder has no config.json", where=str(path), fix="pass a folder written by save_pretrained")
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise UserError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(config_file),
+                        fix="pass the config.json written by save_pretrained")  # fmt: skip
+    if "model_type" not in config:
+        raise UserError("config.json has no model_type", where=str(config_file),
+                        fix=f"name the family, one of: {', '.join(sorted(FAMILIES))}")  # fmt: skip
+    check_config(config, str(config_file))
+    return config
+
+
+def is_local(model: str | Path) -> bool:
+    """A path that exists, or one that looks like a path rather than a hub id ``org/name``."""
+    text = str(model)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
+    """A transformers ``PretrainedConfig`` for a local folder or a hub id, checked like :func:`read_config`."""
+    from transformers import AutoConfig
+
+    if is_local(model):
+        read_config(model)  # raises the one-line errors before transformers gets a chance to
+    try:
+        config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(
+            f"cannot load a config ({str(e).splitlines()[0]})",
+            where=str(model),
+            fix="check the path or hub id, and HF_TOKEN / network access for gated hub models",
+        ) from None
+    except (ValueError, TypeError, KeyError) as e:  # transformers' own validation of the fields
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"transformers cannot read this config ({reason[:200]})", where=str(model),
+                        fix="fix or re-save config.json with save_pretrained") from None  # fmt: skip
+    check_config(config, str(model))
+    return config
+
+
+def check_seq_len(config: Any, seq_len: int, where: str) -> None:
+    """Refuse blocks longer than the model's context: positions beyond it were never trained (and some
+    rotary scalings are undefined there), so the numbers would mean nothing."""
+    context = _get(config, "max_position_embeddings")
+    if context is not None and seq_len > context:
+        raise UserError(f"{seq_len} tokens is more than the model's context of {context}", where=where,
+                        fix=f"pass at most {context}")  # fmt: skip
+
+
+# --- weights ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor of a checkpoint is, and what its header says it is."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def all_tensors(shape: Shape, layer_tensors: tuple[Tensor, ...] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Every (stored name, axes) the family table allows in a checkpoint of ``shape`` in the layout
+    ``layer_tensors`` (default: on disk), a tied head included."""
+    layer_tensors = shape.layer_tensors() if layer_tensors is None else layer_tensors
+    for spec in shape.global_tensors() + ((LM_HEAD,) if shape.tied else ()):
+        yield spec.name, spec
+    for i in range(shape.layers):
+        for spec in layer_tensors:
+            for name in shape.stored_names(spec.name):
+                yield f"model.layers.{i}.{name}", spec
+
+
+def stored_layout(shape: Shape, names: set[str]) -> tuple[Tensor, ...]:
+    """The layout of a checkpoint's decoder layers: on disk (what the hub holds and ``save_pretrained``
+    writes), or in memory (transformers loads that as well), whichever its names are in."""
+    memory = shape.memory_layer_tensors()
+    differs = [t for t in memory if t.parts]
+    if differs and all(f"model.layers.0.{t.name}" in names for t in differs):
+        return memory
+    return shape.layer_tensors()
+
+
+def weights_index(folder: str | Path) -> dict[str, Stored]:
+    """Name → (file, dtype, shape) of every tensor in a safetensors checkpoint, from the headers only.
+
+    Refuses a folder without safetensors (naming pickles, which are never loaded), a damaged index, a missing
+    shard, and a shard whose header is damaged or whose data is cut short.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    src = Path(folder)
+    index_file = src / INDEX_FILE
+    weight_map: dict[str, str] | None = None
+    if index_file.is_file():
+        index = read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError("not a safetensors index (no weight_map of names to files)", where=str(index_file),
+                            fix="re-download the checkpoint")  # fmt: skip
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+        if pickles:
+            raise UserError(f"only pickled weights ({', '.join(pickles[:2])})", where=str(src), fix=TO_SAFETENSORS)
+        raise UserError("no *.safetensors weights (a folder with only config.json gives shapes, not weights)",
+                        where=str(src), fix="pass a checkpoint folder with its weights")  # fmt: skip
+    found: dict[str, Stored] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise UserError("shard named in the index is missing", where=str(path), fix="re-download the checkpoint")
+        try:
+            # numpy: the headers are read without importing torch.
+            with safe_open(str(path), "np") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[key] = Stored(path, sl.get_dtype(), tuple(sl.get_shape()))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"damaged safetensors file ({str(e).splitlines()[0]})", where=str(path),
+                            fix="re-download or re-save it") from None  # fmt: skip
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in found or found[key].file.name != name:
+                raise UserError(f"the index puts {key} in {name}, which does not hold it", where=str(index_file),
+                                fix="re-download the checkpoint")  # fmt: skip
+    return found
+
+
+def check_weights(folder: str | Path, shape: Shape | None = None) -> dict[str, Stored]:
+    """:func:`weights_index`, compared with the tensors the family table expects of ``shape`` (default: the
+    folder's config): every one present with its shape, and none the table does not know."""
+    src = Path(folder)
+    if shape is None:
+        shape = Shape.from_config(read_config(src))
+    stored = weights_index(src)
+    expected = dict(all_tensors(shape, stored_layout(shape, set(stored))))
+    unknown = sorted(set(stored) - set(expected))
+    if unknown:
+        raise UserError(
+            f"checkpoint has tensors the {shape.model_type} table does not know: {', '.join(unknown[:3])}",
+            where=str(src),
+            fix="re-save the model with a current transformers (save_pretrained)",
+        )
+    for name, spec in expected.items():
+        if name not in stored:
+            if spec is LM_HEAD and shape.tied:
+                continue  # a tied head is the embedding; writing it too is optional
+            raise UserError(f"checkpoint lacks {name}", where=str(src),
+                            fix="re-download or re-save the checkpoint (minitron never fills in missing weights)")  # fmt: skip
+        if stored[name].shape != shape.stored_shape(spec):
+            raise UserError(
+                f"{name} has shape {stored[name].shape}, config.json says {shape.stored_shape(spec)}",
+                where=str(src),
+                fix="the weights do not belong to this config.json",
+            )
+    return stored
+
+
+def load_model(model: str | Path, *, dtype: Any, trust_remote_code: bool = False, **options: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` from safetensors only, refusing any tensor that transformers
+    reports missing or reshaped (it would otherwise initialise it at random). A local checkpoint is checked by
+    :func:`check_weights` first; a hub id is checked by the loading report alone."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if is_local(model):
+        check_weights(model)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report is replaced by the one-line error below
+    try:
+        lm, report = AutoModelForCausalLM.from_pretrained(
+            str(model), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True, **options,
+        )  # fmt: skip
+    except OSError as e:
+        raise UserError(f"cannot load the model weights ({str(e).splitlines()[0]})", where=str(model),
+                        fix="pass a checkpoint folder or hub id with safetensors weights") from None  # fmt: skip
+    except RuntimeError as e:  # a shape mismatch that only the loader can see (hub ids)
+        raise UserError(f"weights do not fit the config ({str(e).splitlines()[0][:200]})", where=str(model),
+                        fix="the weights do not belong to this config.json") from None  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    broken = sorted(report.get("missing_keys") or []) + sorted(str(k) for k in report.get("mismatched_keys") or [])
+    if broken:
+        raise UserError(f"checkpoint lacks or misshapes {broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""),
+                        where=str(model), fix="re-download the checkpoint (minitron never fills in missing weights)")  # fmt: skip
+    return lm
+
+
+def load_tokenizer(
+    source: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    fix: str = "save the tokenizer files (tokenizer.json, tokenizer_config.json) beside the checkpoint",
+) -> Any:
+    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load a tokenizer ({reason[:200]})", where=str(source), fix=fix) from None
