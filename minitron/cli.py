@@ -139,11 +139,11 @@ def prune(
         "--layers": layers, "--experts": experts, "--expert-ffn-size": expert_ffn_size, "--top-k": top_k,
     }  # fmt: skip
     searching = target is not None or active_target is not None
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    teacher = Shape.from_config(config)
     if not searching and drop_layers is None and all(v is None for v in explicit.values()):
         # Without this a prune "to nothing" would write a full copy of the teacher.
         raise UserError("no student shape given", fix=f"pass --target SIZE, or any of {', '.join(explicit)}, --drop-layers")
-    config = load_config(model, trust_remote_code=trust_remote_code)
-    teacher = Shape.from_config(config)
     if calib is not None:
         check_seq_len(config, seq_len, "--seq-len")
     dropped = parse_layers(drop_layers, teacher.layers) if drop_layers else None

@@ -440,7 +440,7 @@ def run(
         raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to see the shape only")
     check_output_dir(out, overwrite)
     src = local_checkpoint(model)
-    check_weights(src, teacher)  # a broken checkpoint is refused before an hour of calibration, not after
+    stored = check_weights(src, teacher)  # a broken checkpoint is refused before an hour of calibration, not after
     # The student's bytes at the teacher's bytes per parameter: known before calibration chooses what stays.
     stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
     stored_params = sum(math.prod(t.shape) for t in stored.values())

@@ -48,7 +48,7 @@ def case(id: str, command: str, *words: str, code: int = 2, process: bool = Fals
 
 # A tiny llama: 4 layers, 4 heads in 2 KV groups, hidden 64, ffn 96, context 256.
 GOOD, MOE = "{zoo}/good", "{zoo}/moe"
-DISTILL = "distill {repo}/recipes/tiny-cpu.yaml output.dir={tmp}/run data.source={zoo}/calib.txt"
+DISTILL = "distill {repo}/recipes/tiny-cpu.yaml output.dir={tmp}/run data.source={zoo}/calib.txt data.cache_dir={zoo}/token-cache"
 EVAL = "eval {zoo}/good -o {tmp}/r.json --tasks wikitext --limit 1 --device cpu"
 
 CASES = [
@@ -163,6 +163,10 @@ CASES = [
     case("distill-teacher-config-only", DISTILL + " teacher.path={zoo}/config-only student.path={zoo}/good",
          "teacher.path", "no *.safetensors"),
     case("distill-student-broken-config", DISTILL + " teacher.path={zoo}/good student.path={zoo}/cfg-list", "student.path", "list"),
+    case("distill-data-not-utf8", DISTILL.replace("{zoo}/calib.txt", "{zoo}/latin1.txt") + " teacher.path={zoo}/good student.path={zoo}/good",
+         "latin1.txt", "not UTF-8"),
+    case("distill-seq-len-over-context", DISTILL + " teacher.path={zoo}/good student.path={zoo}/good data.seq_len=512",
+         "data.seq_len", "256"),
     case("distill-unknown-key", DISTILL + " teacher.path={zoo}/good student.path={zoo}/good optimizer.lrr=1", "lrr"),
     # --- eval: cheap checks first, then the checkpoint, then the data files ---------------------------------------
     case("eval-bad-hellaswag-shots", "eval {zoo}/good -o {tmp}/r.json --hellaswag-shots 3", "--hellaswag-shots", "0 or 10"),
@@ -269,6 +273,7 @@ def build_zoo(zoo: Path) -> None:
     (zoo / "latin1.yaml").write_bytes(TINY_RECIPE.read_bytes() + b"# " + LATIN1)
     (zoo / "binary.yaml").write_bytes(b"\x00\x00\x00\x08binary")
     (zoo / "list.yaml").write_text("- a\n- b\n")
+    (zoo / "token-cache").mkdir()  # distill's token cache: a row that tokenized anything would leave files here
 
     for name, relative, content in (
         ("eval-latin1", "wikitext-2-raw/wiki.test.raw", b" = Title = \n" + LATIN1),
@@ -291,12 +296,15 @@ def zoo(tmp_path_factory):
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under ``roots`` (hidden ones included) with its mode, size and modification time."""
+    """Every path under ``roots`` (hidden ones included) with its mode, and for files their size and
+    modification time. (A folder's time changes when a temporary file is made and removed inside it, which
+    leaves nothing behind.)"""
     found = {}
     for root in roots:
         for path in [root, *root.rglob("*")]:
             stat = path.lstat()
-            found[str(path)] = (stat.st_mode, stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
+            is_file = not path.is_dir()
+            found[str(path)] = (stat.st_mode, stat.st_size if is_file else 0, stat.st_mtime_ns if is_file else 0)
     return found
 
 
