@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from minitron import cli, families
+from minitron import cli, inputs
 from minitron.errors import Interrupted, interrupt_on_signals
 
 
@@ -17,7 +17,7 @@ def test_a_signal_exits_with_its_code_and_one_line(monkeypatch, capsys, signum, 
         os.kill(os.getpid(), signum)
         raise AssertionError("the signal should have interrupted the verb")
 
-    monkeypatch.setattr(families, "load_config", interrupted)
+    monkeypatch.setattr(inputs, "load_config", interrupted)
     monkeypatch.setattr(sys, "argv", ["minitron", "inspect", "some-model"])
     before = signal.getsignal(signum)
     with pytest.raises(SystemExit) as e:
