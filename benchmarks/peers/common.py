@@ -1,0 +1,142 @@
+"""What the peer comparisons share: paths, the machine line, held-out LM loss, a child's peak memory, results.
+
+The scripts in this folder run as ``python benchmarks/peers/NAME.py``; importing this module puts the
+repository root (for ``minitron``) and ``benchmarks/`` (for ``machine``) on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RESULTS = HERE.parent / "results"
+for _path in (str(ROOT), str(HERE.parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import machine  # noqa: E402  (benchmarks/machine.py, importable once the path above is set)
+
+VALID = ROOT / "minitron" / "assets" / "data" / "wikitext-2" / "valid.jsonl.gz"
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` (distribution names), ``"missing"`` for those not installed."""
+    found = {}
+    for name in ("torch", "transformers", *packages):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process that must import this checkout's ``minitron``.
+
+    ``PEERS_THREADS`` (set by a script's ``--threads``) pins every child's intra-op threads alike: on a
+    machine shared with other jobs, more threads than free cores make each tool wait on its own threads.
+    """
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("PEERS_THREADS"):
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = os.environ["PEERS_THREADS"]
+    return env
+
+
+def run_child(command: list[str], *, log: Path | None = None) -> dict:
+    """Run ``command`` to the end; its wall time and its own peak resident set (``wait4``'s ``ru_maxrss``).
+
+    Peak RSS of each child alone, not of the largest child so far (which ``RUSAGE_CHILDREN`` would give).
+    """
+    started = time.perf_counter()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    try:
+        child = subprocess.Popen(command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    finally:
+        if log:
+            out.close()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "rc": child.returncode,
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
+    }
+
+
+def minitron_cli(*args: str, log: Path | None = None) -> dict:
+    """``minitron ARGS`` (``python -m minitron.cli``) as a child; raises with the log's tail if it fails."""
+    done = run_child([sys.executable, "-m", "minitron.cli", *args], log=log)
+    if done["rc"] != 0:
+        tail = log.read_text()[-2000:] if log and log.is_file() else ""
+        raise RuntimeError(f"minitron {' '.join(args)} failed ({done['rc']}):\n{tail}")
+    return done
+
+
+def heldout_blocks(tokenizer, *, samples: int, seq_len: int):
+    """``samples`` blocks of WikiText-2 *valid* articles: text that no teacher, calibration or distillation
+    run here reads, EOS-joined and cut as every stage cuts its data (``minitron.data.token_blocks``)."""
+    from minitron.data import token_blocks
+
+    with gzip.open(VALID, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return token_blocks(tokenizer, texts, seq_len=seq_len, samples=samples, seed=0)
+
+
+def lm_loss(model, blocks, batch: int = 8) -> float:
+    """Mean next-token cross-entropy (nats per token) of ``model`` on ``blocks``."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch):
+            ids = blocks[i : i + batch]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            labels = ids[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+            count += labels.numel()
+    return total / count
+
+
+def load_stock(path: Path):
+    """The checkpoint through stock ``AutoModelForCausalLM`` (float32, no remote code); ``(model, None)`` or
+    ``(None, reason)`` when transformers refuses it or finds weights missing / unexpected."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        return None, f"loaded with {bad}"
+    return model, None
+
+
+def count_params(model) -> int:
+    """Distinct parameters (a tied head counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def write(name: str, record: dict, markdown) -> None:
+    """``benchmarks/results/NAME.json``, then ``NAME.md`` from ``markdown(record)``: the measurements are kept
+    even if rendering them fails."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(markdown(record)) + "\n")
+    print(f"wrote {RESULTS / name}.json and .md")

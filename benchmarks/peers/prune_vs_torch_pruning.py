@@ -1,0 +1,334 @@
+"""Pruning quality beside torch-pruning: same teacher, same parameter count, same held-out text, same distillation.
+
+For each teacher (the bundled one, and any other Llama checkpoint given with ``--teacher``):
+
+1. ``minitron importance`` on the shipped WikiText-2 train articles, then ``minitron prune --target 0.5x
+   --axes width`` (the search ranks width shapes at half the parameters by held-out loss; heads are kept,
+   the search's default);
+2. torch-pruning's LLM recipe (``examples/LLMs/prune_llm.py`` in its repository): ``MetaPruner`` with
+   ``GroupMagnitudeImportance(p=2, group_reduction="mean")`` (the example's ``GroupNormImportance``,
+   renamed), local (per-layer) ratios, ``lm_head`` ignored, ``round_to=4``, ``prune_head_dims=False``,
+   in two settings:
+
+   * ``heads``: the example as written: ``num_heads`` given for q/k/v, ``prune_num_heads=True`` and
+     ``head_pruning_ratio`` equal to the width ratio;
+   * ``keep heads``: q/k/v out-channels left alone (the axes ``minitron prune --axes width`` uses by
+     default): embedding channels and MLP neurons only.
+
+   The ratio is chosen so that the pruned model's parameter count lands as close as the recipe allows to
+   what minitron's ``--target 0.5x`` wrote, among ratios whose hidden size transformers accepts (Llama in
+   transformers 5 refuses a hidden size that is not a multiple of the head count);
+3. ``minitron prune`` with the exact shape torch-pruning produced (``--hidden-size --ffn-size`` and, for
+   ``heads``, ``--heads --kv-heads``), from the same scores: the equal-count comparison;
+4. every output is loaded with stock ``AutoModelForCausalLM`` (float32, no remote code) and scored on
+   WikiText-2 *valid* blocks (text no stage here reads), then distilled with ``minitron distill`` from its
+   teacher with one recipe (same steps, data, batch, learning rate, seed) and scored again.
+
+Run by hand, never as a test (tens of minutes on 2 CPU cores; each child under ``nice`` if you run it so):
+
+    pip install -e '.[peers]'
+    python benchmarks/peers/prune_vs_torch_pruning.py --teacher minitron/assets/teacher \\
+        --teacher /path/to/second-llama --steps 40 --batch 4
+
+Results: ``benchmarks/results/peers_prune.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import yaml
+
+SEQ_LEN = 256
+
+
+# --- torch-pruning ------------------------------------------------------------------------------------------
+
+
+def tp_prune(teacher: Path, ratio: float, *, heads: bool, out: Path) -> dict:
+    """torch-pruning's LLM recipe at ``ratio``; writes a Hugging Face checkpoint to ``out``.
+
+    Returns the shape it produced, or ``{"error": ...}`` when torch-pruning fails on this model.
+    """
+    import torch
+    import torch_pruning as tp
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    config = model.config
+    num_heads, ignored = {}, [model.lm_head]
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            if heads:
+                num_heads[module.q_proj] = config.num_attention_heads
+                num_heads[module.k_proj] = config.num_key_value_heads
+                num_heads[module.v_proj] = config.num_key_value_heads
+            else:  # q/k/v keep their output channels; their input (hidden) channels still shrink
+                ignored += [module.q_proj, module.k_proj, module.v_proj]
+    example = {"input_ids": torch.randint(0, config.vocab_size, (1, 16)), "use_cache": False}
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs=example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+            global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored,
+            num_heads=num_heads, prune_num_heads=heads, prune_head_dims=False,
+            head_pruning_ratio=ratio if heads else 0.0, round_to=4,
+            # transformers 5 returns a ModelOutput holding a cache object, which the tracer cannot walk.
+            output_transform=lambda output: output.logits,
+        )  # fmt: skip
+        for group in pruner.step(interactive=True):
+            group.prune()
+    except Exception as e:  # noqa: BLE001 - a failure on this model is the result
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"}
+
+    # What the example does after pruning: the config and the attention modules learn the new sizes.
+    attn = model.model.layers[0].self_attn
+    head_dim = attn.head_dim
+    shape = {
+        "hidden": model.lm_head.in_features,
+        "ffn": model.model.layers[0].mlp.gate_proj.out_features,
+        "heads": attn.q_proj.out_features // head_dim,
+        "kv_heads": attn.k_proj.out_features // head_dim,
+    }
+    uniform = all(
+        (l.mlp.gate_proj.out_features, l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features)
+        == (shape["ffn"], shape["heads"] * head_dim, shape["kv_heads"] * head_dim)
+        for l in model.model.layers
+    )
+    config.hidden_size, config.intermediate_size = shape["hidden"], shape["ffn"]
+    config.num_attention_heads, config.num_key_value_heads = shape["heads"], shape["kv_heads"]
+    for layer in model.model.layers:
+        layer.self_attn.num_key_value_groups = shape["heads"] // shape["kv_heads"]
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (teacher / name).is_file():
+            shutil.copy(teacher / name, out / name)
+    return {**shape, "uniform": uniform, "params": common.count_params(model), "ratio": ratio}
+
+
+def tp_ratio(teacher_shape, target: int, heads_per_hidden: int) -> float:
+    """The ratio whose keep-heads result (hidden and MLP each cut to ``round_to=4``) is closest to ``target``
+    parameters, among those leaving a hidden size that transformers accepts for the model's head count."""
+    best = None
+    for step in range(100, 900):
+        ratio = step / 1000
+        hidden, ffn = (_kept(teacher_shape.hidden, ratio), _kept(teacher_shape.ffn, ratio))
+        if hidden % heads_per_hidden:
+            continue
+        count = dataclasses.replace(teacher_shape, hidden=hidden, ffn=ffn).counts()["total"]
+        if best is None or abs(count - target) < best[0]:
+            best = (abs(count - target), ratio)
+    return best[1]
+
+
+def _kept(channels: int, ratio: float, round_to: int = 4) -> int:
+    # torch-pruning's local pruning: int(channels * ratio) removed, the rest rounded down to round_to.
+    kept = channels - int(channels * ratio)
+    return kept - kept % round_to
+
+
+# --- one teacher ------------------------------------------------------------------------------------------------
+
+
+def score(path: Path, blocks) -> dict:
+    model, reason = common.load_stock(path)
+    if model is None:
+        return {"loads": False, "why": reason}
+    return {"loads": True, "params": common.count_params(model), "loss": common.lm_loss(model, blocks)}
+
+
+def distill(teacher: Path, student: Path, run: Path, text: Path, args) -> Path:
+    """``minitron distill`` with the one recipe every student gets; returns the final checkpoint."""
+    recipe = {
+        "teacher": {"path": str(teacher)},
+        "student": {"path": str(student)},
+        "data": {"source": str(text), "seq_len": SEQ_LEN},
+        "loss": {"kd": 1.0, "temperature": 1.0, "lm": 0.0},
+        "optimizer": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, args.steps // 10),
+                      "weight_decay": 0.0, "grad_clip": 1.0},
+        "batch": {"micro": args.batch, "global": args.batch},
+        "budget": {"steps": args.steps},
+        "precision": "fp32",
+        "eval": {"every": 0, "blocks": 4},
+        "checkpoint": {"every": 0},
+        "output": {"dir": str(run)},
+        "seed": 0,
+    }  # fmt: skip
+    path = run.parent / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    common.minitron_cli("distill", str(path), log=run.parent / f"{run.name}.log")
+    return run / "final"
+
+
+def compare(teacher: Path, work: Path, text: Path, args) -> dict:
+    from transformers import AutoTokenizer
+
+    from minitron.families import Shape, load_config
+
+    work.mkdir(parents=True)
+    shape = Shape.from_config(load_config(teacher))
+    blocks = common.heldout_blocks(AutoTokenizer.from_pretrained(teacher), samples=args.heldout, seq_len=SEQ_LEN)
+    scores = work / "scores.safetensors"
+    log = work / "minitron.log"
+    data = ["--calib", str(text), "--samples", str(args.samples), "--seq-len", str(SEQ_LEN), "--batch-size", "8"]
+    started = time.perf_counter()
+    common.minitron_cli("importance", str(teacher), *data, "-o", str(scores), log=log)
+    importance_s = time.perf_counter() - started
+
+    rows: dict[str, dict] = {}
+    out = work / "minitron-0.5x"
+    started = time.perf_counter()
+    common.minitron_cli(
+        "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--scores", str(scores), *data,
+        "--heldout-samples", "16", "-o", str(out), log=log,
+    )  # fmt: skip
+    chosen = json.loads((out / "config.json").read_text())
+    rows["minitron --target 0.5x --axes width"] = {
+        "tool": "minitron", "path": out, "prune_s": time.perf_counter() - started,
+        "shape": {"hidden": chosen["hidden_size"], "ffn": chosen["intermediate_size"],
+                  "heads": chosen["num_attention_heads"], "kv_heads": chosen["num_key_value_heads"]},
+    }  # fmt: skip
+    target = dataclasses.replace(
+        shape, hidden=chosen["hidden_size"], ffn=chosen["intermediate_size"]
+    ).counts()["total"]
+    ratio = tp_ratio(shape, target, shape.heads)
+
+    for variant, heads in (("keep heads", False), ("heads", True)):
+        out = work / f"torch-pruning-{variant.replace(' ', '-')}"
+        started = time.perf_counter()
+        produced = tp_prune(teacher, ratio, heads=heads, out=out)
+        name = f"torch-pruning ({variant}), ratio {ratio}"
+        rows[name] = {"tool": "torch-pruning", "path": out, "prune_s": time.perf_counter() - started, **produced}
+        if "error" in produced:
+            continue
+        twin = work / f"minitron-shape-of-torch-pruning-{variant.replace(' ', '-')}"
+        flags = ["--hidden-size", str(produced["hidden"]), "--ffn-size", str(produced["ffn"])]
+        if heads:
+            flags += ["--heads", str(produced["heads"]), "--kv-heads", str(produced["kv_heads"])]
+        started = time.perf_counter()
+        try:
+            common.minitron_cli("prune", str(teacher), *flags, "--scores", str(scores), "-o", str(twin), log=log)
+            rows[f"minitron, torch-pruning's {variant} shape"] = {
+                "tool": "minitron", "path": twin, "prune_s": time.perf_counter() - started, "flags": " ".join(flags),
+            }
+        except RuntimeError as e:
+            rows[f"minitron, torch-pruning's {variant} shape"] = {"tool": "minitron", "error": str(e)[-300:]}
+
+    for name, row in rows.items():
+        path = row.pop("path", None)
+        if "error" in row:
+            continue
+        row["path"] = str(path)
+        print(f"{teacher.name}: scoring {name}", flush=True)
+        row["pruned"] = score(path, blocks)
+        if row["pruned"]["loads"]:
+            row["distilled"] = score(distill(teacher, path, work / f"distill-{path.name}", text, args), blocks)
+    teacher_model, _ = common.load_stock(teacher)
+    return {
+        "teacher": str(teacher),
+        "shape": shape.to_dict(),
+        "params": common.count_params(teacher_model),
+        "loss": common.lm_loss(teacher_model, blocks),
+        "target_params": target,
+        "importance_s": importance_s,
+        "rows": rows,
+    }
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+
+def markdown(record: dict) -> list[str]:
+    s = record["settings"]
+    lines = [
+        "# Pruning quality: minitron beside torch-pruning",
+        "",
+        f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
+        f"{record['load_average_after']} after (shared with other jobs). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        "",
+        f"Held-out loss: mean next-token cross-entropy (nats) on {s['heldout']} blocks × {SEQ_LEN} tokens of "
+        "WikiText-2 *valid* articles, each model loaded with stock `AutoModelForCausalLM` (float32). "
+        f"Importance: {s['samples']} calibration blocks of the shipped WikiText-2 train articles. Distillation: "
+        f"`minitron distill`, the same recipe for every student: forward KL at τ = 1 from its teacher, {s['steps']} "
+        f"steps × {s['batch']} × {SEQ_LEN} tokens of the same train articles, AdamW lr {s['lr']} (cosine to a tenth, "
+        "10 % warm-up), fp32, seed 0. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
+        "ratio that lands nearest minitron's parameter count with a hidden size transformers accepts.",
+    ]
+    for t in record["teachers"]:
+        sh = t["shape"]
+        lines += [
+            "",
+            f"## `{t['teacher']}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
+            f"{sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}, "
+            f"{'tied' if sh['tied'] else 'untied'} embeddings; {t['params']:,} parameters, held-out loss {t['loss']:.3f}",
+            "",
+            "| method | shape (hidden / MLP / heads / KV) | parameters | Δ vs minitron 0.5x | loads with stock AutoModelForCausalLM "
+            "| loss after pruning | loss after distillation |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        reference = t["rows"]["minitron --target 0.5x --axes width"].get("pruned", {}).get("params")
+        for name, row in t["rows"].items():
+            if "error" in row:
+                lines.append(f"| {name} | fails: `{row['error'].splitlines()[-1]}` | | | | | |")
+                continue
+            pruned, distilled = row.get("pruned", {}), row.get("distilled", {})
+            params = pruned.get("params")
+            shape = row.get("shape") or {k: row.get(k) for k in ("hidden", "ffn", "heads", "kv_heads")}
+            if not shape.get("hidden") and params:
+                cfg = json.loads((Path(row["path"]) / "config.json").read_text())
+                shape = {"hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"],
+                         "heads": cfg["num_attention_heads"], "kv_heads": cfg["num_key_value_heads"]}  # fmt: skip
+            delta = f"{params - reference:+,}" if params and reference else ""
+            loads = "yes" if pruned.get("loads") else f"no: {pruned.get('why', '')}"
+            lines.append(
+                f"| {name} | {shape['hidden']} / {shape['ffn']} / {shape['heads']} / {shape['kv_heads']} "
+                f"| {params:,} | {delta} | {loads} | {pruned.get('loss', float('nan')):.3f} "
+                f"| {distilled.get('loss', float('nan')):.3f} |"
+                if params else f"| {name} | | | | {loads} | | |"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration blocks for importance")
+    parser.add_argument("--heldout", type=int, default=32, help="held-out blocks that score every model")
+    parser.add_argument("--steps", type=int, default=40, help="distillation steps")
+    parser.add_argument("--batch", type=int, default=4, help="blocks per distillation step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="distillation peak learning rate")
+    parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
+    parser.add_argument("--name", default="peers_prune", help="results file stem")
+    args = parser.parse_args()
+    teachers = args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]
+
+    import torch  # noqa: F401  (fail early without the stack)
+    from minitron.quickstart import training_text
+
+    text = training_text()
+    work = args.work or Path(tempfile.mkdtemp(prefix="peers-prune-"))
+    load_before = common.load_average()
+    results = [compare(t.resolve(), work / f"{i}-{t.name}", text, args) for i, t in enumerate(teachers)]
+    record = {
+        "machine": common.machine.describe("cpu"),
+        "load_average_before": load_before,
+        "load_average_after": common.load_average(),
+        "versions": common.versions("torch-pruning", "minitron"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "teachers": results,
+    }
+    common.write(args.name, record, markdown)
+
+
+if __name__ == "__main__":
+    main()
