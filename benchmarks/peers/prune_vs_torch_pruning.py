@@ -164,8 +164,23 @@ def distill(teacher: Path, student: Path, run: Path, text: Path, args) -> Path:
     }  # fmt: skip
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    common.minitron_cli("distill", str(path), log=run.parent / f"{run.name}.log")
+    if not (run / "final" / "config.json").is_file():  # kept from an earlier, interrupted run of this script
+        common.minitron_cli("distill", str(path), log=run.parent / f"{run.name}.log")
     return run / "final"
+
+
+def _unless_done(out: Path, *args: str, log: Path) -> None:
+    if not (out / "config.json").is_file():
+        common.minitron_cli(*args, log=log)
+
+
+def _tp_done(out: Path, ratio: float) -> dict | None:
+    """The shape of a torch-pruning output an earlier run of this script wrote."""
+    if not (out / "config.json").is_file():
+        return None
+    c = json.loads((out / "config.json").read_text())
+    return {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "heads": c["num_attention_heads"],
+            "kv_heads": c["num_key_value_heads"], "ratio": ratio}  # fmt: skip
 
 
 def compare(teacher: Path, work: Path, text: Path, args) -> dict:
@@ -173,21 +188,23 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
 
     from minitron.families import Shape, load_config
 
-    work.mkdir(parents=True)
+    # Outputs already in WORK (from an interrupted run with the same settings) are reused, not redone.
+    work.mkdir(parents=True, exist_ok=True)
     shape = Shape.from_config(load_config(teacher))
     blocks = common.heldout_blocks(AutoTokenizer.from_pretrained(teacher), samples=args.heldout, seq_len=SEQ_LEN)
     scores = work / "scores.safetensors"
     log = work / "minitron.log"
     data = ["--calib", str(text), "--samples", str(args.samples), "--seq-len", str(SEQ_LEN), "--batch-size", "8"]
     started = time.perf_counter()
-    common.minitron_cli("importance", str(teacher), *data, "-o", str(scores), log=log)
+    if not scores.is_file():
+        common.minitron_cli("importance", str(teacher), *data, "-o", str(scores), log=log)
     importance_s = time.perf_counter() - started
 
     rows: dict[str, dict] = {}
     out = work / "minitron-0.5x"
     started = time.perf_counter()
-    common.minitron_cli(
-        "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--scores", str(scores), *data,
+    _unless_done(
+        out, "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--scores", str(scores), *data,
         "--heldout-samples", "16", "-o", str(out), log=log,
     )  # fmt: skip
     chosen = json.loads((out / "config.json").read_text())
@@ -200,11 +217,24 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
         shape, hidden=chosen["hidden_size"], ffn=chosen["intermediate_size"]
     ).counts()["total"]
     ratio = tp_ratio(shape, target, shape.heads)
+    for limit in args.limit or ():
+        # The same search with another --limit (the quickstart's ffn=0.6 lets it weigh a shallower MLP cut).
+        out = work / f"minitron-0.5x-limit-{limit.replace('=', '-')}"
+        started = time.perf_counter()
+        _unless_done(
+            out, "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--limit", limit, "--scores",
+            str(scores), *data, "--heldout-samples", "16", "-o", str(out), log=log,
+        )  # fmt: skip
+        rows[f"minitron --target 0.5x --axes width --limit {limit}"] = {
+            "tool": "minitron", "path": out, "prune_s": time.perf_counter() - started,
+        }
 
     for variant, heads in (("keep heads", False), ("heads", True)):
+        if variant not in args.variants.split(","):
+            continue
         out = work / f"torch-pruning-{variant.replace(' ', '-')}"
         started = time.perf_counter()
-        produced = tp_prune(teacher, ratio, heads=heads, out=out)
+        produced = _tp_done(out, ratio) or tp_prune(teacher, ratio, heads=heads, out=out)
         name = f"torch-pruning ({variant}), ratio {ratio}"
         rows[name] = {"tool": "torch-pruning", "path": out, "prune_s": time.perf_counter() - started, **produced}
         if "error" in produced:
@@ -215,7 +245,7 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
             flags += ["--heads", str(produced["heads"]), "--kv-heads", str(produced["kv_heads"])]
         started = time.perf_counter()
         try:
-            common.minitron_cli("prune", str(teacher), *flags, "--scores", str(scores), "-o", str(twin), log=log)
+            _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(scores), "-o", str(twin), log=log)
             rows[f"minitron, torch-pruning's {variant} shape"] = {
                 "tool": "minitron", "path": twin, "prune_s": time.perf_counter() - started, "flags": " ".join(flags),
             }
@@ -306,6 +336,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="distillation steps")
     parser.add_argument("--batch", type=int, default=4, help="blocks per distillation step")
     parser.add_argument("--lr", type=float, default=2e-3, help="distillation peak learning rate")
+    parser.add_argument("--limit", action="append", help="also run minitron's search with this --limit (repeatable)")
+    parser.add_argument("--variants", default="keep heads,heads", help="torch-pruning settings to run")
     parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
     parser.add_argument("--name", default="peers_prune", help="results file stem")
     args = parser.parse_args()
@@ -324,7 +356,7 @@ def main() -> None:
         "load_average_after": common.load_average(),
         "versions": common.versions("torch-pruning", "minitron"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": json.loads(json.dumps(vars(args), default=str)),
         "teachers": results,
     }
     common.write(args.name, record, markdown)
