@@ -114,7 +114,7 @@ def prune(
     active_target: Annotated[Optional[str], typer.Option(help="MoE: search for active parameters per token.")] = None,
     axes: Annotated[str, typer.Option(help="--target: what may shrink, any of width,depth,experts.")] = "width",
     prune_heads: Annotated[bool, typer.Option(help="--target: width may also remove query heads (within GQA groups).")] = False,
-    tolerance: Annotated[str, typer.Option(help="--target: how far from it a candidate may land (2% or 0.02).")] = "2%",
+    tolerance: Annotated[Optional[str], typer.Option(help="--target: how far from it a candidate may land (2% or 0.02; default: the target's precision, 8B → ±6.25%, 4.5B or 0.5x → ±2%, at most 10%).")] = None,
     limit: Annotated[Optional[list[str]], typer.Option(help="--target: most of a dim to remove, e.g. ffn=0.4 (default 0.5; repeatable).")] = None,
     top_k_candidates: Annotated[int, typer.Option(help="--target: candidates pruned and scored on held-out tokens.")] = 5,
     rank_by: Annotated[str, typer.Option(help="--target: score candidates by held-out loss or kl to the teacher.")] = "loss",

@@ -208,7 +208,7 @@ def prune_stage(teacher: Path, text: Path, layout: Layout, s: Settings, show: bo
     shape = Shape.from_config(load_config(teacher))
     info = search.prune_to_target(
         str(teacher), shape, target="0.5x", active_target=None, axes="width", prune_heads=False,
-        tolerance="2%", limits=(f"ffn={s.max_ffn_cut}",), dry_run=False, out=layout.pruned, drop_layers=None,
+        tolerance=None, limits=(f"ffn={s.max_ffn_cut}",), dry_run=False, out=layout.pruned, drop_layers=None,
         ranking=search.Ranking(heldout_samples=s.heldout), scores_file=layout.scores,
         calibration=Calibration(str(text), s.samples, s.seq_len, batch_size=8, seed=s.seed),
         overwrite=False, trust_remote_code=False, command=command, show_progress=show,

@@ -28,6 +28,11 @@ def human(n: float) -> str:
     return str(int(n))
 
 
+def percent(x: float) -> str:
+    """0.0625 → '6.25%', 0.125 → '12.5%', 0.02 → '2%'."""
+    return f"{x * 100:.2f}".rstrip("0").rstrip(".") + "%"
+
+
 def shape_table(info: dict) -> Table:
     shape, params = info["shape"], info["params"]
     table = Table(title=f"{info['model']} ({info['family']})", show_header=False, title_justify="left")
@@ -75,10 +80,11 @@ def progress(*extra_columns, transient: bool = False) -> Progress:
 
 
 def budget_text(budget: dict[str, Any]) -> str:
-    """A budget record (``Budget.to_dict``) → '4.00B params and 1.00B active ±2%'."""
+    """A budget record (``Budget.to_dict``) → '8.00B params ±6.25% (the precision of 8B)'."""
     parts = [f"{human(budget['total'])} params"] if budget["total"] else []
     parts += [f"{human(budget['active'])} active"] if budget["active"] else []
-    return f"{' and '.join(parts)} ±{budget['tolerance']:.0%}"
+    why = f" ({budget['tolerance_why']})" if budget.get("tolerance_why") else ""
+    return f"{' and '.join(parts)} ±{percent(budget['tolerance'])}{why}"
 
 
 def candidates_table(rows: Sequence[dict[str, Any]], teacher: Shape, title: str, limit: int | None = 20):

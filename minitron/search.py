@@ -325,7 +325,7 @@ def prune_to_target(
     active_target: str | None,
     axes: str,
     prune_heads: bool,
-    tolerance: str,
+    tolerance: str | None,
     limits: Iterable[str],
     ranking: Ranking,
     dry_run: bool,

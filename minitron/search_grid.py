@@ -1,7 +1,7 @@
 """Candidate student shapes for a parameter budget: shape arithmetic only, no weights.
 
 From the ``minitron prune --target`` flags (:class:`Request`) to every shape on a hardware-friendly grid whose
-parameter count lies within ``--tolerance`` of the target (:func:`enumerate_candidates`), best-first, or a
+parameter count lies within the tolerance (:mod:`minitron.search_budget`) of the target, best-first, or a
 one-line reason why none is. This is all ``--dry-run`` needs, so it runs on a folder holding nothing but
 ``config.json``.
 
@@ -44,76 +44,24 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from minitron.errors import UserError
 from minitron.families import FAMILIES, Shape
-from minitron.report_console import budget_text, human
+from minitron.report_console import human
+from minitron.search_budget import Budget
 
 AXES = ("width", "depth", "experts")
 DIMS = ("hidden", "ffn", "heads", "layers", "experts")
 DEFAULT_LIMIT = 0.5
-DEFAULT_TOLERANCE = 0.02
 _MIN_STEPS = 16
 _STEP_CAP = {"hidden": 128, "ffn": 256, "experts": 8}
 _MOE_MIN_STEP = 8
 
 
 # --- parsing the flags ---------------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?|\.\d+)\s*([kmbgt]?)\s*$", re.IGNORECASE)
-_FRACTION = re.compile(r"^\s*(\d*\.?\d+)\s*x\s*$", re.IGNORECASE)
-
-
-def parse_count(text: str, teacher_count: int, flag: str = "--target") -> int:
-    """``4B``, ``4.5B``, ``800M``, ``1.2e9`` → a parameter count; ``0.5x`` → that fraction of the teacher's.
-
-    Refuses a fraction ≥ 1 and a count ≥ the teacher's: those are not prunes.
-    """
-    text = str(text)
-    fraction = _FRACTION.match(text)
-    if fraction:
-        value = float(fraction.group(1))
-        if not 0 < value < 1:
-            raise UserError(
-                f"a fraction of the teacher must be between 0 and 1, got {text!r}",
-                where=flag,
-                fix="pass e.g. 0.5x for half the teacher's parameters",
-            )
-        return round(value * teacher_count)
-    match = _COUNT.match(text)
-    if not match:
-        raise UserError(
-            f"cannot read {text!r} as a parameter count", where=flag, fix="pass e.g. 4B, 4.5B, 800M, 1.2e9 or 0.5x"
-        )
-    count = round(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if count <= 0:
-        raise UserError(f"a parameter count must be positive, got {text!r}", where=flag)
-    if count >= teacher_count:
-        raise UserError(
-            f"{text} ({count:,}) is not smaller than the teacher's {teacher_count:,}",
-            where=flag,
-            fix=f"pass a count below {human(teacher_count)}, or a fraction like 0.5x",
-        )
-    return count
-
-
-def parse_tolerance(text: str | float) -> float:
-    """``2%`` or ``0.02`` → 0.02."""
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise UserError(
-            f"cannot read {raw!r} as a tolerance", where="--tolerance", fix="pass e.g. 2% or 0.02"
-        ) from None
-    if not 0 < value < 0.5:
-        raise UserError(f"tolerance must lie between 0 and 50%, got {raw!r}", where="--tolerance", fix="pass e.g. 2%")
-    return value
 
 
 def parse_limits(items: Iterable[str] = ()) -> dict[str, float]:
@@ -164,49 +112,6 @@ def parse_axes(text: str | Sequence[str], teacher: Shape, prune_heads: bool = Fa
     if "experts" in names:
         dims |= {"experts", "ffn"}
     return frozenset(dims)
-
-
-# --- the budget ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What the student must weigh: total and/or active parameters per token, each within ``tolerance``."""
-
-    total: int | None
-    active: int | None
-    tolerance: float = DEFAULT_TOLERANCE
-
-    @classmethod
-    def parse(
-        cls, teacher: Shape, target: str | None, active_target: str | None = None, tolerance: str | float = "2%"
-    ) -> "Budget":
-        if target is None and active_target is None:
-            raise UserError("no parameter budget", where="--target", fix="pass --target 4B (or 0.5x)")
-        counts = teacher.counts()
-        if active_target is not None and not teacher.experts:
-            raise UserError(
-                f"{teacher.model_type} is dense: every parameter is active",
-                where="--active-target",
-                fix="use --target for dense models",
-            )
-        return cls(
-            total=None if target is None else parse_count(target, counts["total"], "--target"),
-            active=None if active_target is None else parse_count(active_target, counts["active"], "--active-target"),
-            tolerance=parse_tolerance(tolerance),
-        )
-
-    def deviation(self, total: int, active: int) -> float:
-        """The largest relative distance from a target; within budget iff ≤ ``tolerance``."""
-        off = [abs(total - self.total) / self.total] if self.total else []
-        off += [abs(active - self.active) / self.active] if self.active else []
-        return max(off)
-
-    def describe(self) -> str:
-        return budget_text(self.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "active": self.active, "tolerance": self.tolerance}
 
 
 # --- the grid ------------------------------------------------------------------------------------------------
@@ -432,7 +337,7 @@ def _unreachable(teacher: Shape, budget: Budget, space: SearchSpace, nearest) ->
     dev, total, active = nearest
     active_text = f" ({human(active)} active)" if teacher.experts else ""
     return UserError(
-        f"no grid shape lies within ±{budget.tolerance:.0%} of {budget.describe().rsplit(' ±', 1)[0]}; "
+        f"no grid shape lies within {budget.describe()}; "
         f"the nearest has {human(total)} params{active_text}, {dev:.1%} off",
         where="--target" if budget.total else "--active-target",
         fix=f"widen --tolerance to {math.ceil(dev * 1000) / 10:.1f}%, or add an axis to --axes for a finer grid",
@@ -459,7 +364,7 @@ class Request:
         active_target: str | None = None,
         axes: str | Sequence[str] = "width",
         prune_heads: bool = False,
-        tolerance: str | float = "2%",
+        tolerance: str | float | None = None,
         limits: Iterable[str] = (),
         drop_layers: list[int] | None = None,
     ) -> "Request":
