@@ -347,7 +347,7 @@ tr.teacher td.name{font-weight:600}tr.published td{color:#666;font-style:italic}
 .tag.model{background:#e0f0e0;color:#2d6b2d}.tag.published{background:#eee;color:#555}
 figure{margin:1rem 0}figure svg{max-width:100%;height:auto}figcaption{font-size:.8rem;color:#555}
 .note{font-size:.8rem;color:#555}
-.tag.chance{background:#f6dddd;color:#8a2222}.n{font-size:.7rem;color:#777}
+.tag.chance{background:#f6dddd;color:#8a2222}.n{display:block;font-size:.7rem;color:#777}
 details{margin:1rem 0}summary{cursor:pointer;font-weight:600}
 table.gen td{text-align:left;max-width:30rem;font-family:ui-monospace,monospace;font-size:.78rem;white-space:pre-wrap}
 """
@@ -358,9 +358,10 @@ def _td(row: Row, label: str) -> str:
         return "<td>–</td>"
     text, _, n = _cell(row, label).partition(" n=")
     chance = at_chance(row, label)
+    # The score on the first line; documents and the chance mark on a second, small one, so the table fits.
     return (f'<td data-label="{html.escape(label)}" data-value="{row.raw[label]!r}" data-chance="{str(chance).lower()}">'
-            f"{html.escape(text)}" + (f' <span class="n">n={html.escape(n)}</span>' if n else "")
-            + (_tag("chance", "≈ chance") if chance else "") + "</td>")
+            f"{html.escape(text)}" + (f'<span class="n">n={html.escape(n)}{_tag("chance", "≈ chance") if chance else ""}</span>'
+                                      if n or chance else "") + "</td>")
 
 
 def _tag(kind: str, text: str | None = None) -> str:

@@ -53,8 +53,9 @@ def plot_accuracy_vs_params(rows: list[Row]) -> str | None:
                         color="#999999", lw=0.8, ls=":" if row.published else "-", zorder=1)
             marker, colour, size = _STYLE[row.role]
             face = "none" if row.published else colour
-            if label in row.stderr:  # ± 2 standard errors: about the 95 % interval of the score
-                ax.errorbar(row.params, row.scores[label], yerr=2 * row.stderr[label], color=colour, lw=1, capsize=3, zorder=1)
+            if label in row.stderr:  # ± 2 standard errors (about the 95 % interval), within 0-100 %
+                y, e = row.scores[label], 2 * row.stderr[label]
+                ax.errorbar(row.params, y, yerr=[[min(e, y)], [min(e, 100 - y)]], color=colour, lw=1, capsize=3, zorder=1)
             ax.scatter(row.params, row.scores[label], marker=marker, s=size, facecolors=face,
                        edgecolors="#777777" if row.published else colour, linewidths=1.4, zorder=2)
             ax.annotate(row.name, (row.params, row.scores[label]), fontsize=6 if row.published else 7, xytext=(4, 3),
@@ -100,9 +101,10 @@ def plot_task_bars(rows: list[Row]) -> str | None:
         xs = [i + (j - (len(rows) - 1) / 2) * width for i, label in enumerate(labels) if label in row.scores]
         ys = [row.scores[label] for label in labels if label in row.scores]
         errors = [2 * row.stderr.get(label, 0.0) for label in labels if label in row.scores]
+        errors = [[min(e, y) for e, y in zip(errors, ys)], [min(e, 100 - y) for e, y in zip(errors, ys)]]
         ax.bar(xs, ys, width, color="white" if row.published else colours[j], edgecolor=colours[j],
                hatch="///" if row.published else None, label=f"{row.name}{' (published)' if row.published else ''}",
-               yerr=errors if any(errors) else None, error_kw={"lw": 1, "capsize": 2, "ecolor": "#333333"})
+               yerr=errors if any(map(any, errors)) else None, error_kw={"lw": 1, "capsize": 2, "ecolor": "#333333"})
     for i, label in enumerate(labels):
         if label in CHANCE:
             ax.hlines(CHANCE[label], i - 0.45, i + 0.45, color="#aa3333", lw=1.2, ls="--",
@@ -133,6 +135,7 @@ def plot_perplexity(rows: list[Row]) -> str | None:
         ax.set_yticks(list(ys), [r.name for r in have], fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.set_xlim(1, max(r.scores[label] for r in have) * 30)  # room for the value labels
         ax.set_xlabel(f"{label} (lower is better)")
         ax.grid(axis="x", alpha=0.3)
     return _svg(fig)
