@@ -300,6 +300,7 @@ def study(
     steps: Annotated[Optional[int], typer.Option(help="Distillation steps of ablations 1-3.")] = None,
     retrain_steps: Annotated[Optional[int], typer.Option(help="Steps of each retraining run (ablation 4).")] = None,
     search_steps: Annotated[Optional[int], typer.Option(help="Distillation steps before re-ranking (ablation 5).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes that run the four parts side by side.")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """The papers' ablations on a teacher: importance, depth, width vs depth, retraining, search (study.md)."""
@@ -310,7 +311,8 @@ def study(
     base = st.QUICK if quick else st.Settings()
     given = {"seeds": seeds, "steps": steps, "retrain_steps": retrain_steps, "search_steps": search_steps}
     settings = replace(base, **{k: v for k, v in given.items() if v is not None})
-    done = st.run_study(out, teacher=teacher, text=text, quick=quick, settings=settings, overwrite=overwrite)
+    done = st.run_study(out, teacher=teacher, text=text, quick=quick, settings=settings, workers=workers,
+                        overwrite=overwrite)
     console.print(f"study: {done / 'study.md'} (results.json and plots/ beside it)")
 
 

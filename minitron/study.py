@@ -114,28 +114,23 @@ def _teacher(path: str | Path | None):
 def magnitude_scores(model: Any, like: Any) -> Any:
     """Weight-magnitude importance: a hidden channel or MLP neuron scores the L2 norm of every weight that reads
     or writes it. The other keys are copied from ``like`` (heads and layers are not compared here)."""
+    import re
+
     from minitron.importance import Scores
-    from minitron.prune import _memory_name
+    from minitron.prune import all_tensors
 
-    shape = like.shape
-    state, renames = model.state_dict(), shape.family.memory_names
-    tensors = dict(like.tensors)
-
-    def norm(specs, prefix: str, axis: str) -> torch.Tensor:
-        total = 0
-        for spec in specs:
-            if axis in spec.axes:
-                w = state[_memory_name(prefix + spec.name, spec, renames)].float().pow(2)
+    shape, state = like.shape, model.state_dict()
+    sums: dict[str, Any] = {}
+    for name, spec in all_tensors(shape, shape.memory_layer_tensors()):
+        if name not in state:  # a tied head is the embedding, counted once
+            continue
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        w = state[name].float().pow(2)
+        for axis, key in (("hidden", "hidden"), ("ffn", f"neurons.{layer.group(1)}" if layer else None)):
+            if key and axis in spec.axes:
                 keep = spec.axes.index(axis)
-                total = total + w.sum(dim=[d for d in range(w.dim()) if d != keep])
-        return total
-
-    hidden = norm(shape.global_tensors(), "", "hidden")
-    for i in range(shape.layers):
-        hidden = hidden + norm(shape.layer_tensors(), f"model.layers.{i}.", "hidden")
-        tensors[f"neurons.{i}"] = norm(shape.layer_tensors(), f"model.layers.{i}.", "ffn").sqrt()
-    tensors["hidden"] = hidden.sqrt()
-    return Scores(tensors, {**like.meta, "method": "weight magnitude"})
+                sums[key] = sums.get(key, 0) + w.sum(dim=[d for d in range(w.dim()) if d != keep])
+    return Scores({**like.tensors, **{k: v.sqrt() for k, v in sums.items()}}, {**like.meta, "method": "weight magnitude"})
 
 
 def random_scores(like: Any, seed: int) -> Any:
@@ -215,12 +210,11 @@ def _spread(values: list[float]) -> dict[str, Any]:
 # --- the five ablations ---------------------------------------------------------------------------------------
 
 
-def shapes(lab: Lab) -> tuple[Any, Any, list[Any]]:
+def shapes(t: Any) -> tuple[Any, Any, list[Any]]:
     """The depth student (half the layers dropped), and width candidates of its parameter count on the search
     grid (MLP may shrink by up to 75 %, so that several shapes compete), the search's first choice first."""
     from minitron.search_grid import Budget, SearchSpace, enumerate_candidates, parse_axes
 
-    t = lab.shape
     depth = replace(t, layers=t.layers - t.layers // 2)
     total = depth.counts()["total"]
     space = SearchSpace.build(t, parse_axes("width", t), {"ffn": 0.75})
@@ -283,7 +277,7 @@ def retraining(lab: Lab, width: Any, scores: Any, seed: int) -> dict[str, Any]:
         lab.train_(student, s.retrain_steps, seed, objective, curve)
         out[f"pruned + {objective}"] = curve
     config = type(lab.teacher.config).from_dict(lab.teacher.config.to_dict())
-    for key, value in config_changes(plan, getattr(config, "layer_types", None)).items():
+    for key, value in config_changes(plan, config).items():
         setattr(config, key, value)
     torch.manual_seed(seed)
     scratch = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -347,59 +341,83 @@ def _agg_name(batch: str, seq: str) -> str:
 
 # --- the verb -------------------------------------------------------------------------------------------------
 
+PARTS = ("importance", "depth", "retraining", "search")  # independent; "depth" also compares width with depth
 
-def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str | Path | None = None,
-              quick: bool = False, settings: Settings | None = None, overwrite: bool = False) -> Path:
-    """Run the five ablations and write ``out/`` (results.json, study.md, plots/*.svg) atomically."""
-    from minitron.artifacts import atomic_dir, check_output_dir, versions
+
+def run_part(part: str, teacher: str | Path | None, text: str | Path | None, s: Settings, show: bool = True):
+    """One part of the study in a Lab of its own, so that parts can run in separate processes (``--workers``).
+
+    Returns the part's results and its cost (training steps, CPU seconds of this process)."""
+    from rich.progress import Progress
+
     from minitron.importance import compute_scores
     from minitron.report_console import progress
+
+    train_docs, heldout_docs, _ = _documents(text)
+    _, model, tok, shape = _teacher(teacher)
+    cpu, seeds = time.process_time(), list(range(s.seeds))
+    with progress() if show else Progress(disable=True) as bar:
+        lab = Lab(model, tok, shape, train_docs, heldout_docs, s, bar)
+        depth, width, candidates = shapes(shape)
+        wanted = AGGREGATIONS if part == "importance" else AGGREGATIONS[:1]
+        activation = {_agg_name(b, q): compute_scores(model, lab.calib, batch_size=s.batch, batch_agg=b, seq_agg=q,
+                                                      layer_loss=(b, q) == AGGREGATIONS[0], show_progress=False)
+                      for b, q in wanted}
+        default = activation[_agg_name(*AGGREGATIONS[0])]
+        if part == "importance":
+            out = {"teacher_loss": lab.loss(model), "importance": importance_ablation(lab, width, activation, seeds)}
+        elif part == "depth":
+            found = depth_ablation(lab, depth, default, seeds)
+            best = min(("block", "loss", "window"), key=lambda k: found[k]["distilled"])
+            first = {"width": lab.pruned_and_distilled(width, default), "depth": found[best]}
+            versus = width_vs_depth(lab, width, depth, default, found[best]["dropped_layers"], seeds, first)
+            out = {"depth": found, "width_vs_depth": {**versus, "depth_strategy": best}}
+        elif part == "retraining":
+            out = {"retraining": retraining(lab, width, default, seeds[0])}
+        else:
+            out = {"search": search_ablation(lab, candidates, default, seeds)}
+    return out, {"training_steps": lab.steps_done, "cpu_s": time.process_time() - cpu}
+
+
+def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str | Path | None = None,
+              quick: bool = False, settings: Settings | None = None, workers: int = 1, overwrite: bool = False) -> Path:
+    """Run the five ablations and write ``out/`` (results.json, study.md, plots/*.svg) atomically.
+
+    ``workers`` > 1 runs the four parts in that many processes (each loads the teacher; the numbers are the same)."""
+    from minitron.artifacts import atomic_dir, check_output_dir, versions
     from minitron.study_report import write
 
     out = check_output_dir(out, overwrite)
     s = settings or (QUICK if quick else Settings())
     small = [k for k in ("seeds", "steps", "search_steps", "retrain_steps", "scratch_factor", "curve_points", "top_k")
              if getattr(s, k) < 1]
-    if small:
-        raise UserError(f"{small[0]} is {getattr(s, small[0])}", where=f"--{small[0].replace('_', '-')}",
-                        fix="pass a positive number")
-    train_docs, heldout_docs, source = _documents(text)  # before the teacher loads: a bad file fails fast
-    path, model, tok, shape = _teacher(teacher)
-    started, cpu, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
-    seeds = list(range(s.seeds))
-    with progress() as bar:
-        lab = Lab(model, tok, shape, train_docs, heldout_docs, s, bar)
-        depth, width, candidates = shapes(lab)
-        activation = {_agg_name(b, q): compute_scores(model, lab.calib, batch_size=s.batch, batch_agg=b, seq_agg=q,
-                                                      layer_loss=(b, q) == AGGREGATIONS[0], show_progress=False)
-                      for b, q in AGGREGATIONS}
-        default = activation[_agg_name(*AGGREGATIONS[0])]
-        results: dict[str, Any] = {"teacher_loss": lab.loss(model)}
-        stages = bar.add_task("study", total=5)
-        results["importance"] = importance_ablation(lab, width, activation, seeds)
-        bar.advance(stages)
-        results["depth"] = depth_ablation(lab, depth, default, seeds)
-        bar.advance(stages)
-        best = min(("block", "loss", "window"), key=lambda k: results["depth"][k]["distilled"])
-        first = {"width": results["importance"][_agg_name(*AGGREGATIONS[0])], "depth": results["depth"][best]}
-        results["width_vs_depth"] = width_vs_depth(lab, width, depth, default, results["depth"][best]["dropped_layers"],
-                                                   seeds, first)
-        results["width_vs_depth"]["depth_strategy"] = best
-        bar.advance(stages)
-        results["retraining"] = retraining(lab, width, default, seeds[0])
-        bar.advance(stages)
-        results["search"] = search_ablation(lab, candidates, default, seeds)
-        bar.advance(stages)
+    if small or workers < 1:
+        key = small[0] if small else "workers"
+        raise UserError(f"{key} is {getattr(s, key, workers)}", where=f"--{key.replace('_', '-')}", fix="pass a positive number")
+    _, _, source = _documents(text)  # before the teacher loads: a bad file fails fast
+    path, _, _, shape = _teacher(teacher)
+    depth, width, _ = shapes(shape)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    if workers == 1:
+        parts = [run_part(part, teacher, text, s) for part in PARTS]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(PARTS)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(run_part, PARTS, [teacher] * 4, [text] * 4, [s] * 4, [False] * 4))
+    results = {k: v for part, _ in parts for k, v in part.items()}
     record = {
         "teacher": {"path": str(path), "shape": shape.to_dict(), "params": shape.counts()["total"]},
-        "text": source, "settings": asdict(s), "quick": quick, "seeds": seeds,
+        "text": source, "settings": asdict(s), "quick": quick, "seeds": list(range(s.seeds)),
         "shapes": {"width": width.to_dict(), "depth": depth.to_dict(), "width_params": width.counts()["total"],
                    "depth_params": depth.counts()["total"]},
-        "results": results,
+        "results": {k: results[k] for k in ("teacher_loss", "importance", "depth", "width_vs_depth", "retraining", "search")},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_start": load_start, "load_average_end": os.getloadavg()},
-        "timing": {"total_s": round(time.perf_counter() - started, 1), "cpu_s": round(time.process_time() - cpu, 1),
-                   "training_steps": lab.steps_done},
+                    "workers": workers, "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "timing": {"total_s": round(time.perf_counter() - started, 1),
+                   "cpu_s": round(sum(cost["cpu_s"] for _, cost in parts), 1),
+                   "training_steps": sum(cost["training_steps"] for _, cost in parts)},
         "versions": versions(),
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:

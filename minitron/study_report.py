@@ -172,7 +172,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Ran in {record['timing']['total_s'] / 60:.1f} min wall, {record['timing'].get('cpu_s', 0) / 60:.1f} min of CPU "
         f"time ({record['timing']['training_steps']:,} training steps) on "
-        f"{m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads; load average "
+        f"{m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s) in each of "
+        f"{m.get('workers', 1)} process(es); load average "
         f"{m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end"
         + (" (`--quick`: sizes for a smoke test, not findings)." if record["quick"] else "."),
         "",
