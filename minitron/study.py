@@ -117,7 +117,7 @@ def magnitude_scores(model: Any, like: Any) -> Any:
     import re
 
     from minitron.importance import Scores
-    from minitron.prune import all_tensors
+    from minitron.inputs import all_tensors
 
     shape, state = like.shape, model.state_dict()
     sums: dict[str, Any] = {}

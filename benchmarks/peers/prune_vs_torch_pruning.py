@@ -186,7 +186,8 @@ def _tp_done(out: Path, ratio: float) -> dict | None:
 def compare(teacher: Path, work: Path, text: Path, args) -> dict:
     from transformers import AutoTokenizer
 
-    from minitron.families import Shape, load_config
+    from minitron.families import Shape
+    from minitron.inputs import load_config
 
     # Outputs already in WORK (from an interrupted run with the same settings) are reused, not redone.
     work.mkdir(parents=True, exist_ok=True)
