@@ -50,6 +50,9 @@ def case(id: str, command: str, *words: str, code: int = 2, process: bool = Fals
 GOOD, MOE = "{zoo}/good", "{zoo}/moe"
 DISTILL = "distill {repo}/recipes/tiny-cpu.yaml output.dir={tmp}/run data.source={zoo}/calib.txt data.cache_dir={zoo}/token-cache"
 EVAL = "eval {zoo}/good -o {tmp}/r.json --tasks wikitext --limit 1 --device cpu"
+# Rows of helper `outputs`: the token cache outside the snapshot (a cache, not an output).
+IMPORTANCE_TO = "importance {{zoo}}/good --calib {{zoo}}/calib.txt -o {out} --samples 2 --seq-len 8"
+DISTILL_GOOD = DISTILL + " teacher.path={zoo}/good student.path={zoo}/good data.cache_dir={zoo}/../token-cache"
 
 CASES = [
     # --- the CLI layer: usage errors are one line too ---------------------------------------------------------
@@ -194,6 +197,31 @@ CASES = [
     case("quickstart-zero-steps", "quickstart -o {tmp}/qs --steps 0", "--steps"),
     case("quickstart-out-exists", "quickstart -o {zoo}/good", "already exists"),
     # --- rows of issue 10 §2 (destinations, interrupted runs, --resume) follow here ---------------------------
+    # Owned by helper `outputs`. Every verb checks its destination before any work: a path below a file, a
+    # folder nobody can create files in (/proc: refused to root too, so the rows hold when CI runs as root).
+    case("importance-out-below-a-file", IMPORTANCE_TO.format(out="{zoo}/calib.txt/s.safetensors"), "calib.txt", "is a file, not a folder"),
+    case("importance-out-read-only", IMPORTANCE_TO.format(out="/proc/self/s.safetensors"), "/proc/self", "cannot write here"),
+    case("prune-out-below-a-file", "prune {zoo}/good --drop-layers 1 -o {zoo}/calib.txt/out", "is a file, not a folder"),
+    case("prune-out-read-only", "prune {zoo}/good --drop-layers 1 -o /proc/self/out", "/proc/self", "cannot write here"),
+    case("prune-search-out-read-only", "prune {zoo}/good --target 0.9x --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o /proc/self/out",
+         "cannot write here"),
+    case("eval-out-below-a-file", EVAL.replace("{tmp}/r.json", "{zoo}/calib.txt/r.json"), "is a file, not a folder"),
+    case("eval-out-read-only", EVAL.replace("{tmp}/r.json", "/proc/self/r.json"), "/proc/self", "cannot write here"),
+    case("report-out-read-only", "report {zoo}/lm-eval.json -o /proc/self/board", "/proc/self", "cannot write here"),
+    case("quickstart-out-below-a-file", "quickstart -o {zoo}/calib.txt/qs", "is a file, not a folder"),
+    case("quickstart-out-read-only", "quickstart -o /proc/self/qs", "/proc/self", "cannot write here"),
+    case("distill-out-below-a-file", DISTILL_GOOD + " output.dir={zoo}/calib.txt/run", "is a file, not a folder"),
+    case("distill-out-read-only", DISTILL_GOOD + " output.dir=/proc/self/run", "/proc/self", "cannot write here"),
+    # distill refuses before it creates the run folder (the snapshot sees no run/recipe.yaml).
+    case("distill-eval-blocks-too-many", DISTILL_GOOD + " eval.blocks=100000", "data.source", "held out for evaluation"),
+    case("distill-hidden-pair-out-of-range", DISTILL_GOOD + " loss.hidden.pairs=[[1,9]]", "loss.hidden.pairs", "teacher layer 9"),
+    # --resume: nothing to resume, not a run, a changed recipe; and a run that exists without --resume.
+    case("distill-resume-nothing", DISTILL_GOOD + " --resume", "nothing to resume", "drop --resume"),
+    case("distill-resume-not-a-run", DISTILL_GOOD + " output.dir={zoo}/empty-folder --resume", "nothing to resume", "recipe.yaml"),
+    case("distill-resume-changed-loss", DISTILL_GOOD + " output.dir={zoo}/old-run --resume", "'loss' section differs"),
+    case("distill-resume-changed-betas", DISTILL_GOOD + " output.dir={zoo}/old-run loss.temperature=2 optimizer.betas=[0.8,0.9] --resume",
+         "optimizer.betas differs", "optimizer.lr"),
+    case("distill-run-exists", DISTILL_GOOD + " output.dir={zoo}/old-run", "run folder already exists", "--resume"),
 ]
 
 
@@ -286,6 +314,7 @@ def build_zoo(zoo: Path) -> None:
     (zoo / "latin1.json").write_bytes(b'{"minitron": "' + LATIN1.strip() + b'"}')
     (zoo / "binary.json").write_bytes(b"\x00\x01\x02")
     (zoo / "lm-eval.json").write_text(json.dumps({"lm_eval_version": "0.4", "results": {}}))
+    _outputs_zoo(zoo)
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +355,17 @@ def test_the_table_covers_every_verb():
     verbs = {c.args[0] for c in CASES}
     assert {"inspect", "importance", "prune", "distill", "eval", "report", "quickstart"} <= verbs
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+
+# --- helper `outputs`: a distillation run folder to resume ----------------------------------------------------
+
+
+def _outputs_zoo(zoo: Path) -> None:
+    """``old-run``: the recipe.yaml of a run started with loss.temperature=2, as ``distill`` leaves it."""
+    from minitron.recipe import load_recipe
+
+    overrides = [a.format(zoo=zoo, tmp="unused", repo=REPO) for a in DISTILL_GOOD.split()[2:]]
+    old = load_recipe(TINY_RECIPE, [*overrides, f"output.dir={zoo / 'old-run'}", "loss.temperature=2"])
+    (zoo / "old-run").mkdir()
+    (zoo / "old-run" / "recipe.yaml").write_text(old.to_yaml())
