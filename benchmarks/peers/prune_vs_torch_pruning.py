@@ -277,6 +277,11 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
 # --- report -------------------------------------------------------------------------------------------------
 
 
+def _shown(path: str) -> str:
+    """A path inside the repository relative to it (the results then read the same on every machine)."""
+    return str(Path(path).relative_to(common.ROOT)) if Path(path).is_relative_to(common.ROOT) else path
+
+
 def markdown(record: dict) -> list[str]:
     s = record["settings"]
     lines = [
@@ -298,7 +303,7 @@ def markdown(record: dict) -> list[str]:
         sh = t["shape"]
         lines += [
             "",
-            f"## `{t['teacher']}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
+            f"## `{_shown(t['teacher'])}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
             f"{sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}, "
             f"{'tied' if sh['tied'] else 'untied'} embeddings; {t['params']:,} parameters, held-out loss {t['loss']:.3f}",
             "",
