@@ -27,7 +27,7 @@ gives medians over ``--repeats``.
 Run by hand, never as a test:
 
     pip install -e '.[peers]'
-    python benchmarks/peers/distill_vs_trl.py --repeats 3 --steps 6
+    python benchmarks/peers/distill_vs_trl.py --threads 1   # what results/peers_distill_cpu.md holds
 
 Results: ``benchmarks/results/peers_distill_{cpu,cuda}.{json,md}``.
 """
@@ -246,11 +246,11 @@ def main() -> None:
     parser.add_argument("--teacher", default=TEACHER, help="hidden,ffn,layers,heads,kv_heads")
     parser.add_argument("--student", default=STUDENT, help="hidden,ffn,layers,heads,kv_heads")
     parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--seq-len", type=int, default=257, help="tokens per block (predicted: one fewer)")
-    parser.add_argument("--micro", type=int, default=2, help="sequences per step")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=513, help="tokens per block (predicted: one fewer)")
+    parser.add_argument("--micro", type=int, default=1, help="sequences per step")
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="minitron's loss.chunk_size")
+    parser.add_argument("--chunk-size", type=int, default=128, help="minitron's loss.chunk_size (1024 ≥ the 512 tokens of a step would not chunk)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of every run (default: torch's)")
     parser.add_argument("--work", type=Path, default=None)
