@@ -205,6 +205,9 @@ def _bars(r: dict[str, Any], teacher_loss: float, title: str) -> str:
         for y, v in zip(ys, values):
             ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
     ax.axvline(teacher_loss, color="#1f4e9a", ls="--", lw=1, label=f"teacher {teacher_loss:.2f}")
+    # The differences are tenths of a nat on a loss of ~5: an axis from 0 would hide them (the teacher's line anchors).
+    low = min(min(_loss(r[n], k) for n in names for k in ("pruned", "distilled")), teacher_loss)
+    ax.set_xlim(left=max(0.0, low - 0.3))
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("held-out LM loss (nats, lower is better)")
