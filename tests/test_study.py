@@ -70,6 +70,13 @@ def test_inverted_importance_is_worse_than_activation(study):
     assert inverted["distilled"] > activation["distilled"]
 
 
+def test_workers_give_the_same_numbers(teacher, study, tmp_path):
+    """The parts are independent labs with their own seeds: run in two processes, every number is the same."""
+    parallel = run_study(tmp_path / "out", teacher=teacher / "teacher", text=teacher / "text.jsonl", quick=True, workers=2)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (study, parallel))
+    assert one["results"] == two["results"] and two["machine"]["workers"] == 2
+
+
 def test_parity_measured_extrapolated_or_not_reached():
     curve = [(0, 5.0), (100, 4.0), (200, 3.0), (400, 2.0)]
     measured = parity((10, 2.5), curve)
