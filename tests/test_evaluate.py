@@ -329,17 +329,23 @@ def test_generations_are_greedy_and_fit_the_context():
     tok = byte_tokenizer()
     model = tiny_model("llama", seed=3, vocab_size=len(tok), max_position_embeddings=12, eos_token_id=tok.eos_token_id,
                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id).eval()
+
+    def argmax_text(prompt: str, n: int) -> str:  # the argmax token, one at a time, n times or until EOS
+        ids = tok(prompt, return_tensors="pt").input_ids
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(n):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                if ids[0, -1] == tok.eos_token_id:
+                    break
+        return tok.decode(ids[0, start:], skip_special_tokens=True)
+
     [sample] = generate_samples(model, tok, ["abc"], max_new_tokens=5)
-    ids = tok("abc", return_tensors="pt").input_ids
-    with torch.no_grad():
-        for _ in range(5):  # the argmax token, one at a time
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            if ids[0, -1] == tok.eos_token_id:
-                break
-    assert sample == {"prompt": "abc", "continuation": tok.decode(ids[0, 3:], skip_special_tokens=True)}
+    assert sample == {"prompt": "abc", "continuation": argmax_text("abc", 5)}
     # A prompt of 10 tokens in a 12-token context gets at most 2 new tokens, whatever was asked.
+    assert len(tok("0123456789").input_ids) == 10
     [long] = generate_samples(model, tok, ["0123456789"], max_new_tokens=5)
-    assert len(tok(long["continuation"]).input_ids) <= 2
+    assert long["continuation"] == argmax_text("0123456789", 2)
 
 
 def test_summary_reads_hub_keys():
