@@ -28,6 +28,7 @@ from minitron.errors import UserError
 from minitron.families import FAMILIES, LM_HEAD, Shape, Tensor, family_of
 
 INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
 TO_UTF8 = "save it as UTF-8 text (e.g. iconv -f latin1 -t utf-8 FILE > NEW)"
 TO_SAFETENSORS = (
     "minitron reads safetensors only and never loads pickles; convert it once with transformers: "
@@ -256,6 +257,10 @@ def weights_index(folder: str | Path) -> dict[str, Stored]:
             raise UserError("not a safetensors index (no weight_map of names to files)", where=str(index_file),
                             fix="re-download the checkpoint")  # fmt: skip
         files = sorted(set(weight_map.values()))
+    elif (src / WEIGHTS_FILE).is_file():
+        # As transformers does: without an index the weights are model.safetensors alone. Other safetensors
+        # files may sit beside them (a pruned student keeps its scores.safetensors there).
+        files = [WEIGHTS_FILE]
     else:
         files = sorted(p.name for p in src.glob("*.safetensors"))
     if not files:

@@ -90,6 +90,17 @@ def test_check_weights_follows_a_sharded_index(tmp_path, llama):
         inputs.check_weights(folder)
 
 
+def test_weights_are_model_safetensors_not_every_safetensors_file_beside_them(tmp_path, llama):
+    # prune --calib keeps the scores it computed as scores.safetensors inside the student's folder; the
+    # student must still load through the checked reader (transformers reads model.safetensors alone too).
+    folder = tmp_path / "student"
+    shutil.copytree(llama, folder)
+    save_file({"blocks": torch.ones(2), "heads.0": torch.ones(4)}, folder / "scores.safetensors")
+    stored = inputs.check_weights(folder)
+    assert {s.file.name for s in stored.values()} == {"model.safetensors"}
+    assert "blocks" not in stored
+
+
 def test_load_model_refuses_what_the_loading_report_shows_missing(tmp_path, llama, monkeypatch):
     # A hub checkpoint is not checked from its headers first: the loading report must catch a missing tensor
     # (transformers would initialise it at random). Simulated with a local folder and the header check off.
