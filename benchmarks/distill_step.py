@@ -128,7 +128,8 @@ class Bench:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from minitron.distill import Distiller, World, make_optimizer
+        from minitron.distill import Distiller, make_optimizer
+        from minitron.distill_data import World
         from minitron.losses import naive_forward_kl
         from minitron.recipe import validate
 

@@ -255,11 +255,12 @@ def distill_recipe(teacher: Path, text: Path, layout: Layout, s: Settings):
 def distill_stage(teacher: Path, text: Path, layout: Layout, s: Settings, command: str) -> dict[str, Any]:
     """``minitron distill RECIPE``, then the final model moves to ``distilled/``."""
     from minitron import distill
+    from minitron.distill_state import METRICS
 
     recipe = distill_recipe(teacher, text, layout, s)
     final = distill.train(recipe, command=command)
     os.replace(final, layout.distilled)
-    records = [json.loads(x) for x in (layout.distill_run / distill.METRICS).read_text().splitlines() if x.strip()]
+    records = [json.loads(x) for x in (layout.distill_run / METRICS).read_text().splitlines() if x.strip()]
     evals = [r for r in records if "eval_lm" in r]
     return {
         "steps": s.steps,

@@ -19,7 +19,9 @@ from tiny import save_tiny, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import minitron.distill as distill
-from minitron.distill import Blocks, World, lr_at, packed_blocks, train
+import minitron.distill_data as distill_data
+from minitron.distill import lr_at, train
+from minitron.distill_data import Blocks, World, packed_blocks
 from minitron.errors import UserError
 from minitron.recipe import load_recipe
 
@@ -100,6 +102,7 @@ def test_lm_only_mode_trains_without_a_teacher(tmp_path):
 def test_hidden_state_losses_train_a_projection_that_is_not_saved(tmp_path, monkeypatch):
     teacher, student = make_pair(tmp_path, hidden_size=32)  # narrower student: a 32 → 64 projection is needed
     projections = []
+    # save_checkpoint lives in distill_state; distill's loop calls it through distill's own name, patched here.
     real = distill.save_checkpoint
 
     def spy(run_dir, step, model, *args, **kwargs):
@@ -332,7 +335,7 @@ def test_data_is_tokenized_once_and_cached(tmp_path, monkeypatch):
     data = load_recipe(TINY, [f"data.source={DATA}", f"data.cache_dir={tmp_path}"]).data
     world = World(rank=0, size=1, device=torch.device("cpu"))
     first = np.array(packed_blocks(data, tokenizer, world))
-    monkeypatch.setattr(distill, "_tokenize_to", lambda *a: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(distill_data, "_tokenize_to", lambda *a: pytest.fail("tokenized twice"))
     again = packed_blocks(data, tokenizer, world)
     assert np.array_equal(first, again) and first.shape[1] == 32
     # The cached stream is the documents joined with EOS, as the tokenizer sees them.

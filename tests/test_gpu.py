@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from tiny import tiny_model
 
-from minitron.distill import Distiller, World, make_optimizer, shard, train_step
+from minitron.distill import Distiller, make_optimizer, shard, train_step
+from minitron.distill_data import World
 from minitron.importance import compute_scores
 from minitron.losses import forward_kl, naive_forward_kl
 from minitron.recipe import validate

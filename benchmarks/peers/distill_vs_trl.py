@@ -15,7 +15,7 @@ a Llama-3-sized vocabulary (128,256) and small hidden sizes so that a CPU finish
 The same: sequence length, micro-batch (no accumulation), fp32 on CPU, AdamW (β = 0.9/0.95, ε = 1e-8, no
 weight decay, constant LR, gradient clipping at 1.0), no activation checkpointing, no dropout, seed, and
 the very same batches in the same order (TRL's worker reads minitron's token cache with
-``minitron.distill.packed_blocks`` and ``Blocks`` and feeds them in order). Step 1's loss must agree to
+``minitron.distill_data.packed_blocks`` and ``Blocks`` and feeds them in order). Step 1's loss must agree to
 rounding: same student, same batch.
 
 Measured per run: tokens per second (median step after the first: the loop's wall time between the ends
@@ -138,7 +138,7 @@ def trl_worker(fixture: dict, run: Path, args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from minitron.distill import Blocks, World, packed_blocks
+    from minitron.distill_data import Blocks, World, packed_blocks
     from minitron.recipe import validate
 
     torch.manual_seed(0)
