@@ -19,7 +19,7 @@ _STYLE = {  # role → marker, face colour (None = hollow), size
 }
 
 
-def _svg(fig) -> str:
+def svg(fig) -> str:
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
@@ -27,7 +27,7 @@ def _svg(fig) -> str:
     return re.sub(r"\s*<metadata>.*?</metadata>", "", text, flags=re.S)  # creator / date: not content
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     import matplotlib
 
     matplotlib.use("Agg")  # no display, no GUI toolkit: the report is written from servers too
@@ -41,7 +41,7 @@ def plot_accuracy_vs_params(rows: list[Row]) -> str | None:
     labels = [label for label in ACCURACY if any(label in r.scores for r in rows)]
     if not labels:
         return None
-    fig = _figure(4.2 * len(labels), 3.6)
+    fig = figure(4.2 * len(labels), 3.6)
     for i, label in enumerate(labels):
         ax = fig.add_subplot(1, len(labels), i + 1)
         for row in rows:
@@ -75,7 +75,7 @@ def plot_accuracy_vs_params(rows: list[Row]) -> str | None:
         if any(r.role == role and r.published == published for r in rows)
     ]  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-    return _svg(fig)
+    return svg(fig)
 
 
 def _legend_handle(role: str, published: bool):
@@ -93,7 +93,7 @@ def plot_task_bars(rows: list[Row]) -> str | None:
         return None
     import numpy as np
 
-    fig = _figure(max(6.0, 1.2 + 0.5 * len(rows) * len(labels)), 3.8)
+    fig = figure(max(6.0, 1.2 + 0.5 * len(rows) * len(labels)), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(rows))
     colours = [f"C{i % 10}" for i in range(len(rows))]
@@ -114,7 +114,7 @@ def plot_task_bars(rows: list[Row]) -> str | None:
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_perplexity(rows: list[Row]) -> str | None:
@@ -123,7 +123,7 @@ def plot_perplexity(rows: list[Row]) -> str | None:
     if not labels:
         return None
     shown = [r for r in rows if any(label in r.scores for label in labels)]
-    fig = _figure(4.2 * len(labels), 0.9 + 0.35 * len(shown))
+    fig = figure(4.2 * len(labels), 0.9 + 0.35 * len(shown))
     for i, label in enumerate(labels):
         ax = fig.add_subplot(1, len(labels), i + 1)
         have = [r for r in shown if label in r.scores]
@@ -138,13 +138,13 @@ def plot_perplexity(rows: list[Row]) -> str | None:
         ax.set_xlim(1, max(r.scores[label] for r in have) * 30)  # room for the value labels
         ax.set_xlabel(f"{label} (lower is better)")
         ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_retained(pairs: list[tuple[Row, Row, dict[str, float]]]) -> str | None:
     if not pairs:
         return None
-    fig = _figure(7.0, 0.9 + 0.45 * sum(len(kept) for _, _, kept in pairs))
+    fig = figure(7.0, 0.9 + 0.45 * sum(len(kept) for _, _, kept in pairs))
     ax = fig.add_subplot(1, 1, 1)
     y, ticks = 0, []
     for student, teacher, kept in pairs:
@@ -160,4 +160,4 @@ def plot_retained(pairs: list[tuple[Row, Row, dict[str, float]]]) -> str | None:
     ax.invert_yaxis()
     ax.set_xlabel("student accuracy as % of its teacher's")
     ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
+    return svg(fig)

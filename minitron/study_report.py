@@ -192,10 +192,10 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def _bars(r: dict[str, Any], teacher_loss: float, title: str) -> str:
-    from minitron.report_plots import _figure, _svg
+    from minitron.report_plots import figure, svg
 
     names = list(r)
-    fig = _figure(7.5, 0.9 + 0.45 * len(names))
+    fig = figure(7.5, 0.9 + 0.45 * len(names))
     ax = fig.add_subplot(1, 1, 1)
     for k, (key, colour, label) in enumerate((("pruned", "#bbbbbb", "after pruning"), ("distilled", "#d9541e", "after distillation"))):
         ys = [i + (k - 0.5) * 0.38 for i in range(len(names))]
@@ -214,13 +214,13 @@ def _bars(r: dict[str, Any], teacher_loss: float, title: str) -> str:
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_retraining(r: dict[str, Any]) -> str:
-    from minitron.report_plots import _figure, _svg
+    from minitron.report_plots import figure, svg
 
-    fig = _figure(6.5, 3.8)
+    fig = figure(6.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     for name, curve in r["curves"].items():
         pts = [(t, v) for t, v in curve if t > 0]
@@ -235,13 +235,13 @@ def plot_retraining(r: dict[str, Any]) -> str:
     ax.set_ylabel("held-out LM loss (nats)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_search(r: dict[str, Any]) -> str:
-    from minitron.report_plots import _figure, _svg
+    from minitron.report_plots import figure, svg
 
-    fig = _figure(5.0, 3.2)
+    fig = figure(5.0, 3.2)
     ax = fig.add_subplot(1, 1, 1)
     for i, c in enumerate(r["candidates"]):
         n = c["name"]
@@ -252,7 +252,7 @@ def plot_search(r: dict[str, Any]) -> str:
     ax.set_ylabel("rank (1 = lowest held-out loss)")
     ax.invert_yaxis()
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    return _svg(fig)
+    return svg(fig)
 
 
 def write(record: dict[str, Any], folder: Path) -> None:
