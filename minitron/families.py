@@ -184,7 +184,7 @@ class Family:
     def check(self, config: Any, where: str = "config.json") -> None:
         """Refuse, in one line, a config this family's table does not describe."""
         for key, allowed in self.requires.items():
-            value = _get(config, key)
+            value = config_field(config, key)
             if value not in allowed:
                 raise UserError(
                     f"{self.model_type} with {key}={value!r} is not supported",
@@ -247,7 +247,8 @@ def family_of(config: Any, where: str = "config.json") -> Family:
     return family
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
+def config_field(config: Any, key: str, default: Any = None) -> Any:
+    """A config field from a transformers config or the dict read from its config.json."""
     return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
@@ -272,22 +273,22 @@ class Shape:
     @classmethod
     def from_config(cls, config: Any) -> "Shape":
         family = family_of(config)
-        hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
-        head_dim = _get(config, "head_dim") or hidden // heads
+        hidden, heads = config_field(config, "hidden_size"), config_field(config, "num_attention_heads")
+        head_dim = config_field(config, "head_dim") or hidden // heads
         return cls(
             model_type=family.model_type,
             hidden=hidden,
-            ffn=_get(config, family.ffn_key),
-            layers=_get(config, "num_hidden_layers"),
+            ffn=config_field(config, family.ffn_key),
+            layers=config_field(config, "num_hidden_layers"),
             heads=heads,
-            kv_heads=_get(config, "num_key_value_heads") or heads,
+            kv_heads=config_field(config, "num_key_value_heads") or heads,
             head_dim=head_dim,
-            vocab=_get(config, "vocab_size"),
-            tied=bool(_get(config, "tie_word_embeddings", False)),
-            experts=next((_get(config, k) for k in family.experts_keys if _get(config, k)), 0) if family.is_moe else 0,
-            top_k=(_get(config, "num_experts_per_tok") or 0) if family.is_moe else 0,
-            attention_bias=bool(_get(config, "attention_bias", False)),
-            mlp_bias=bool(_get(config, "mlp_bias", False)),
+            vocab=config_field(config, "vocab_size"),
+            tied=bool(config_field(config, "tie_word_embeddings", False)),
+            experts=next((config_field(config, k) for k in family.experts_keys if config_field(config, k)), 0) if family.is_moe else 0,
+            top_k=(config_field(config, "num_experts_per_tok") or 0) if family.is_moe else 0,
+            attention_bias=bool(config_field(config, "attention_bias", False)),
+            mlp_bias=bool(config_field(config, "mlp_bias", False)),
         )
 
     @property
@@ -420,4 +421,4 @@ def logits_divisor(config: Any) -> float:
 
     A loss that computes logits from ``lm_head.weight`` itself must divide by this too.
     """
-    return float(_get(config, "logits_scaling", 1.0) or 1.0)
+    return float(config_field(config, "logits_scaling", 1.0) or 1.0)

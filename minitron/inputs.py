@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from minitron.errors import UserError
-from minitron.families import FAMILIES, LM_HEAD, Shape, Tensor, family_of
+from minitron.families import FAMILIES, LM_HEAD, Shape, Tensor, config_field, family_of
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -113,16 +113,12 @@ SHAPE_FIELDS = {
 }  # fmt: skip
 
 
-def _get(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-
-
 def check_config(config: Any, where: str) -> Shape:
     """The :class:`Shape` of a config (dict or transformers config), refusing sizes that are not positive
     whole numbers and a head layout that cannot be grouped; ``where`` names the file in messages."""
     family_of(config, where)
     for key in SIZE_FIELDS:
-        value = _get(config, key)
+        value = config_field(config, key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
@@ -130,7 +126,7 @@ def check_config(config: Any, where: str) -> Shape:
         if value < 1:
             raise UserError(f"{key} is {value}; it must be at least 1", where=where, fix="fix or re-save config.json")
     for key in ("hidden_size", "num_attention_heads"):
-        if _get(config, key) is None:
+        if config_field(config, key) is None:
             raise UserError(f"config.json has no {key}", where=where, fix="re-save the config with save_pretrained")
     shape = Shape.from_config(config)
     for name, key in SHAPE_FIELDS.items():
@@ -199,7 +195,7 @@ def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
 def check_seq_len(config: Any, seq_len: int, where: str) -> None:
     """Refuse blocks longer than the model's context: positions beyond it were never trained (and some
     rotary scalings are undefined there), so the numbers would mean nothing."""
-    context = _get(config, "max_position_embeddings")
+    context = config_field(config, "max_position_embeddings")
     if context is not None and seq_len > context:
         raise UserError(f"{seq_len} tokens is more than the model's context of {context}", where=where,
                         fix=f"pass at most {context}")  # fmt: skip
