@@ -25,7 +25,7 @@ from torch import Tensor
 from minitron.artifacts import atomic_file
 from minitron.distill_data import World, barrier
 from minitron.errors import UserError
-from minitron.recipe import Recipe
+from minitron.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
     from minitron.distill import Distiller
@@ -203,7 +203,7 @@ def check_run_dir(recipe: Recipe, resume: bool) -> dict[str, Any]:
                 where=f"output.dir {run_dir}", fix="drop --resume and choose another output.dir",
             )  # fmt: skip
         check_writable(run_dir / RECIPE)
-        return _changes(Recipe.model_validate(_yaml(saved)), recipe, saved)
+        return _changes(load_recipe(saved), recipe, saved)
     if run_dir.exists() and not recipe.output.overwrite:
         raise UserError(
             "run folder already exists",
@@ -244,12 +244,6 @@ def prepare_run_dir(recipe: Recipe, resume: bool, world: World) -> Path:
             tmp.write_text(recipe.to_yaml())
     barrier(world)
     return run_dir
-
-
-def _yaml(path: Path) -> Any:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
 
 
 def _changes(old: Recipe, new: Recipe, where: Path) -> dict[str, list[Any]]:
