@@ -86,6 +86,25 @@ def test_grid_steps_are_hardware_friendly_and_scale_down():
     assert min(experts) == moe.top_k  # never fewer experts than a token routes to
 
 
+def test_llama_hidden_grid_keeps_a_multiple_of_the_heads_and_enough_values():
+    """LlamaConfig refuses a hidden size that is not a multiple of the query heads. With 10 heads and a
+    power-of-two step alone the bundled teacher's hidden 320 could only become 240 or 160 within a 50 % cut,
+    which left one shape (160 / 768) for --target 0.5x; the step is now a multiple of both."""
+    teacher = Shape.from_config(json.loads((Path(__file__).parents[1] / "minitron/assets/teacher/config.json")
+                                           .read_text()))
+    space = SearchSpace.build(teacher, parse_axes("width", teacher))
+    assert space.values["hidden"] == list(range(320, 159, -20))
+    budget, _, found = candidates(teacher, "0.5x")
+    assert_within(budget, found)
+    assert {(c.shape.hidden, c.shape.ffn) for c in found} == {(200, 480), (180, 608), (160, 768), (220, 384)}
+    assert (found[0].shape.hidden, found[0].shape.ffn) == (200, 480)  # the most even cut is evaluated first
+    # Llama-3.2-3B's shape (hidden 3072, 24 heads): 192s, not the 384s a 128 step would force.
+    llama3b = full_shape("llama-3.1-8b").replace(hidden=3072, heads=24)
+    hidden = SearchSpace.build(llama3b, parse_axes("width", llama3b)).values["hidden"]
+    assert all(v % 192 == 0 for v in hidden) and len(hidden) == 9
+    assert grid_step("hidden", 3072, multiple=24) == 192
+
+
 # --- the full-size configs -----------------------------------------------------------------------------------
 
 MINITRON_4B_WIDTH = dict(hidden=3072, ffn=9216, heads=32, kv_heads=8, head_dim=128, layers=32)
