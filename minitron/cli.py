@@ -300,7 +300,8 @@ def study(
     steps: Annotated[Optional[int], typer.Option(help="Distillation steps of ablations 1-3.")] = None,
     retrain_steps: Annotated[Optional[int], typer.Option(help="Steps of each retraining run (ablation 4).")] = None,
     search_steps: Annotated[Optional[int], typer.Option(help="Distillation steps before re-ranking (ablation 5).")] = None,
-    workers: Annotated[int, typer.Option(help="Processes that run the four parts side by side.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="Processes that run the four parts side by side "
+                                                        "(default: one per CPU core, at most 4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """The papers' ablations on a teacher: importance, depth, width vs depth, retraining, search (study.md)."""

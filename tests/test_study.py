@@ -33,7 +33,7 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(teacher):
-    return run_study(teacher / "out", teacher=teacher / "teacher", text=teacher / "text.jsonl", quick=True)
+    return run_study(teacher / "out", teacher=teacher / "teacher", text=teacher / "text.jsonl", quick=True, workers=1)
 
 
 def test_quick_study_artifact(study):
