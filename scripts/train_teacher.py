@@ -303,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     work = args.work or REPO / "runs" / f"teacher-seed{args.seed}"
     started = time.time()
+    load_at_start = os.getloadavg()[0]
 
     train_texts = [r["text"] for r in read_articles(args.train)][: args.max_articles]
     valid = read_articles(args.valid)[: args.valid_articles]
@@ -378,6 +379,7 @@ def run(args: argparse.Namespace) -> dict:
                 save_checkpoint(work, model, optimizer, state)
 
     summary = {
+        "load_average": [load_at_start, os.getloadavg()[0]],
         "seed": args.seed,
         "steps": state["total"],
         "tokens_seen": state["total"] * args.batch * args.seq_len,
@@ -506,6 +508,24 @@ def machine(threads: int) -> str:
 # ---------------------------------------------------------------- model card
 
 
+def load_note(s: dict) -> str:
+    """The machine's load while training, where the run recorded it (a busy machine makes each step slower)."""
+    load = s.get("load_average")
+    return f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
+
+
+def plateau_note(history: list[dict]) -> str:
+    """How much the valid loss still fell at the end of training: the evidence for where training stopped."""
+    if len(history) < 3:
+        return ""
+    (a, b, c) = history[-3:]
+    first = history[0]
+    return (f"Over the whole run the valid loss fell {first['valid_loss'] - c['valid_loss']:.3f} nats after step "
+            f"{first['step']}; over the last two intervals it fell {a['valid_loss'] - b['valid_loss']:.3f} "
+            f"(steps {a['step']}–{b['step']}) and {b['valid_loss'] - c['valid_loss']:.3f} "
+            f"(steps {b['step']}–{c['step']}) nats.")
+
+
 def model_card(config: LlamaConfig, args: argparse.Namespace, s: dict) -> str:
     names = {"valid": "WikiText-2 valid (v1)", "wikitext_raw_test": "WikiText-2 raw test"}
     evaluation = "\n".join(
@@ -568,7 +588,7 @@ during training; `{PAD}` (id {config.pad_token_id}) is padding only. No token is
 | optimizer | AdamW (β = 0.9, 0.95; weight decay {args.weight_decay} on matrices), gradient clip {args.clip} |
 | schedule | linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g} |
 | seed | {s['seed']} |
-| training time | {s['train_minutes']} min of wall time in optimizer steps, on 2 cores shared with other jobs (slower than the same run alone) |
+| training time | {s['train_minutes']} min of wall time in optimizer steps ({s['train_minutes'] * 60 / s['steps']:.2f} s / step){load_note(s)} |
 | machine | {s['machine']} — no GPU was available for this run |
 | software | torch {s['versions'].get('torch')}, transformers {s['versions'].get('transformers')} |
 
@@ -596,13 +616,15 @@ Loss on the first 32 packed valid blocks during training:
 |---|---|---|
 {history}
 
+{plateau_note(s['history'])}
+
 ## Reproduce
 
 ```bash
 {s['command']}
 ```
 
-Same seed, same steps and same library versions on one CPU thread give the same weights; a run stopped
+Same seed, same steps, the same number of CPU threads and the same library versions give the same weights; a run stopped
 midway resumes from its checkpoint in `runs/teacher-seed{s['seed']}/` when started again.
 
 ## Data and license
