@@ -216,7 +216,7 @@ def markdown(record: dict, args) -> list[str]:
         "# Distillation throughput and memory: minitron beside TRL's GKD trainer",
         "",
         f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
-        f"{record['load_average_after']} after (shared with other jobs). Versions: "
+        f"{record['load_average_after']} after. Versions: "
         + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",
         "",
         f"Random-weight Llama teacher {args.teacher} → student {args.student} (hidden,ffn,layers,heads,kv; "

@@ -296,7 +296,7 @@ def markdown(record: dict) -> list[str]:
         "# Pruning quality: minitron beside torch-pruning",
         "",
         f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
-        f"{record['load_average_after']} after (shared with other jobs). Versions: "
+        f"{record['load_average_after']} after. Versions: "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
         "",
         f"Held-out loss: mean next-token cross-entropy (nats) on {s['heldout']} blocks × {SEQ_LEN} tokens of "
