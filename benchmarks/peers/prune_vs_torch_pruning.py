@@ -24,16 +24,16 @@ For each teacher (the bundled one, and any other Llama checkpoint given with ``-
    WikiText-2 *valid* blocks (text no stage here reads), then distilled with ``minitron distill`` from its
    teacher with one recipe (same steps, data, batch, learning rate, seed) and scored again.
 
-Run by hand, never as a test (tens of minutes on 2 CPU cores). The committed results, the second teacher
-trained first (tied embeddings, 8 query / 4 KV heads; 84 steps were what the shared CPU allowed):
+Run by hand, never as a test (about 15 minutes per teacher on 2 CPU cores). The committed results, the second
+teacher trained first (tied embeddings, 8 query / 4 KV heads):
 
     pip install -e '.[peers]'
-    python scripts/train_teacher.py train --seed 0 --steps 84 --hidden 256 --layers 6 --heads 8 --kv-heads 4 \\
-        --ffn 640 --tie-embeddings --valid-articles 20 --test-articles 10 --out ../teacher-tied
-    python benchmarks/peers/prune_vs_torch_pruning.py --teacher minitron/assets/teacher --samples 32 \\
-        --heldout 16 --steps 10 --batch 2 --limit ffn=0.6 --name peers_prune_bundled
-    python benchmarks/peers/prune_vs_torch_pruning.py --teacher ../teacher-tied --samples 32 --heldout 16 \\
-        --steps 10 --batch 2 --limit ffn=0.6 --variants "keep heads" --name peers_prune_tied
+    python scripts/train_teacher.py train --seed 0 --steps 600 --threads 2 --hidden 256 --layers 6 --heads 8 \
+        --kv-heads 4 --ffn 640 --tie-embeddings --valid-articles 20 --test-articles 10 --out ../teacher-tied
+    PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher minitron/assets/teacher \
+        --limit ffn=0.6 --name peers_prune_bundled
+    PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher ../teacher-tied \
+        --limit ffn=0.6 --variants "keep heads" --name peers_prune_tied
 
 (``--variants "keep heads"`` there: torch-pruning's head pruning had not finished on that teacher after 18
 minutes.) ``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds.
