@@ -367,6 +367,10 @@ def run_part(part: str, teacher: str | Path | None, text: str | Path | None, s: 
     from minitron.importance import compute_scores
     from minitron.report_console import progress
 
+    if not show:  # a worker process: transformers' loading bars would interleave on the parent's terminal
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     train_docs, heldout_docs, _ = _documents(text)
     _, model, tok, shape = _teacher(teacher)
     cpu, seeds = time.process_time(), list(range(s.seeds))
