@@ -70,9 +70,12 @@ class Settings:
     def tokens(self, steps: int) -> int:
         return steps * self.batch * self.seq_len
 
+    def longest_run_blocks(self) -> int:
+        """Blocks the longest training run reads (the scratch model's, at the defaults)."""
+        return self.batch * max(self.steps, self.search_steps, self.retrain_steps * self.scratch_factor)
+
     def train_blocks(self) -> int:
-        longest = max(self.steps, self.search_steps, self.retrain_steps, self.retrain_steps * self.scratch_factor)
-        return self.train or longest * self.batch
+        return self.train or self.longest_run_blocks()
 
 
 QUICK = Settings(seq_len=32, batch=4, calib=8, heldout=8, train=32, steps=8, search_steps=8, retrain_steps=12,
@@ -419,6 +422,7 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
     path, _, _, shape = _teacher(teacher)
     depth, width, _ = shapes(shape)
     started, load_start = time.perf_counter(), os.getloadavg()
+    threads = torch.get_num_threads()
     if workers == 1:
         parts = [run_part(part, teacher, text, s) for part in PARTS]
     else:
@@ -426,7 +430,7 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
         from concurrent.futures import ProcessPoolExecutor
 
         workers = min(workers, len(PARTS))
-        threads = max(1, torch.get_num_threads() // workers)  # no oversubscription: the parts share the cores
+        threads = max(1, threads // workers)  # no oversubscription: the parts share the cores
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             parts = list(pool.map(run_part, PARTS, [teacher] * 4, [text] * 4, [s] * 4, [False] * 4))
@@ -434,12 +438,11 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
     record = {
         "teacher": {"path": str(path), "shape": shape.to_dict(), "params": shape.counts()["total"]},
         "text": source, "settings": asdict(s), "quick": quick, "seeds": list(range(s.seeds)),
-        "train_blocks": s.train_blocks(), "longest_run_blocks": s.batch * max(
-            s.steps, s.search_steps, s.retrain_steps * s.scratch_factor),
+        "train_blocks": s.train_blocks(), "longest_run_blocks": s.longest_run_blocks(),
         "shapes": {"width": width.to_dict(), "depth": depth.to_dict(), "width_params": width.counts()["total"],
                    "depth_params": depth.counts()["total"]},
         "results": {k: results[k] for k in ("teacher_loss", "importance", "depth", "width_vs_depth", "retraining", "search")},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads() if workers == 1 else threads,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": threads,
                     "workers": workers, "load_average_start": load_start, "load_average_end": os.getloadavg()},
         "timing": {"total_s": round(time.perf_counter() - started, 1),
                    "cpu_s": round(sum(cost["cpu_s"] for _, cost in parts), 1),
