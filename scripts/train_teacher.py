@@ -2,6 +2,7 @@
 
     python scripts/train_teacher.py prepare --wikitext ../shared/data/wikitext-2   # once: the shipped text
     python scripts/train_teacher.py train --seed 0 --steps 900 --out minitron/assets/teacher --overwrite
+    python scripts/train_teacher.py continue --steps 1000 --out minitron/assets/teacher --overwrite   # further
 
 ``prepare`` turns WikiText-2 (tokenized v1: ``train.txt``, ``valid.txt``) into the article files shipped in
 ``minitron/assets/data/wikitext-2/{train,valid}.jsonl.gz``: one record per article, ``text`` detokenized
@@ -21,6 +22,11 @@ The length of the run is ``--steps``, or, without it, as many steps as fit in ``
 measured over the first steps (the card then records the resolved ``--steps`` so that anyone can repeat
 the exact run). A checkpoint with the optimizer state is written to ``--work`` every ``--eval-every``
 steps; running the same command again resumes from it and gives the same weights as an uninterrupted run.
+
+``continue`` trains a finished teacher further (``--from``, default the shipped one): its shipped weights and
+tokenizer, the batches its run would have read next, the same batch and AdamW settings with fresh moments, a
+short re-warm-up and a new cosine. ``training.json`` and the card add the stage to the totals (steps, tokens,
+epochs, minutes, the loss curve) and list every command in order, so the final weights can be rebuilt.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from minitron.report_console import progress
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "minitron" / "assets" / "data" / "wikitext-2"
+TEACHER = REPO / "minitron" / "assets" / "teacher"
 RAW_TEST = REPO / "minitron" / "assets" / "data" / "eval" / "wikitext-2-raw" / "wiki.test.raw"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 console = Console(stderr=True)
@@ -98,6 +105,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     t.add_argument("--eval-every", type=int, default=100, help="steps between validation + checkpoint")
+
+    c = sub.add_parser("continue", help="train a finished teacher further, reading on in its run's data order")
+    c.add_argument("--from", dest="source", type=Path, default=TEACHER,
+                   help="finished teacher folder (from train or continue); default the shipped one")
+    c.add_argument("--out", type=Path, required=True, help="folder for the continued teacher (may be --from)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    c.add_argument("--work", type=Path, default=None, help="checkpoint folder for resuming (default runs/teacher-continue)")
+    c.add_argument("--steps", type=int, required=True, help="optimizer steps to add")
+    c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the re-warm-up")
+    c.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
+    c.add_argument("--warmup", type=int, default=50, help="linear re-warm-up steps (the optimizer moments start fresh)")
+    c.add_argument("--threads", type=int, default=1, help="torch intra-op threads (part of what fixes the weights)")
+    c.add_argument("--eval-every", type=int, default=100, help="steps between validation + checkpoint")
 
     r = sub.add_parser("rescore", help="score a finished --out again and rewrite its training.json and card")
     r.add_argument("--out", type=Path, required=True)
@@ -306,54 +326,105 @@ def run(args: argparse.Namespace) -> dict:
     load_at_start = os.getloadavg()[0]
 
     train_texts = [r["text"] for r in read_articles(args.train)][: args.max_articles]
-    valid = read_articles(args.valid)[: args.valid_articles]
     tokenizer = train_tokenizer(train_texts, args.vocab)
-    train_stream = token_stream(tokenizer, train_texts)
-    train_blocks = pack(train_stream, args.seq_len)
-    # The quick check during training: the first 32 packed blocks of valid (8k tokens at 256).
-    quick_valid = pack(token_stream(tokenizer, [r["text"] for r in valid]), args.seq_len)[:32]
-    console.log(f"{len(train_texts)} train articles → {len(train_stream):,} tokens, {len(train_blocks)} blocks "
-                f"of {args.seq_len}")
-    if len(train_blocks) < args.batch:
-        sys.exit(f"error: only {len(train_blocks)} train blocks for --batch {args.batch} — use more articles")
+    data = TrainData(args, tokenizer, train_texts)
+    if len(data.blocks) < args.batch:
+        sys.exit(f"error: only {len(data.blocks)} train blocks for --batch {args.batch} — use more articles")
 
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(teacher_config(args, tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    # Norm gains are not decayed (they set scales, not features), as in GPT-2 / Llama training.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     state = load_checkpoint(work, model, optimizer, config_fingerprint(args))
     if state is not None:
         console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
     else:
-        state = {"step": 0, "total": args.steps, "train_seconds": 0.0, "first_loss": None, "history": [],
-                 "config": config_fingerprint(args)}
+        state = new_state(args.steps, config_fingerprint(args))
+    train_steps(model, optimizer, state, data, schedule=args, work=work, eval_every=args.eval_every,
+                minutes=args.minutes)
 
+    summary = {
+        "load_average": [load_at_start, os.getloadavg()[0]],
+        "seed": args.seed,
+        "steps": state["total"],
+        "tokens_seen": state["total"] * args.batch * args.seq_len,
+        "train_tokens": len(data.stream),
+        "epochs": data.epochs(state["total"]),
+        "train_minutes": round(state["train_seconds"] / 60, 1),
+        "first_loss": state["first_loss"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "history": state["history"],
+        "machine": machine(args.threads),
+        "versions": versions(),
+        "command": reproduce_command(args, state["total"]),
+        "data_sha256": {p.name: sha256(p) for p in (args.train, args.valid)},
+    }
+    return finish(model, tokenizer, summary, args, data.valid, out=args.out, overwrite=args.overwrite,
+                  test_articles=args.test_articles, started=started)
+
+
+class TrainData:
+    """The packed train blocks of a run, its valid articles and the 32-block quick check, for one tokenizer."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer, train_texts: list[str] | None = None):
+        if train_texts is None:
+            train_texts = [r["text"] for r in read_articles(args.train)][: args.max_articles]
+        self.args = args
+        self.stream = token_stream(tokenizer, train_texts)
+        self.blocks = pack(self.stream, args.seq_len)
+        self.valid = read_articles(args.valid)[: args.valid_articles]
+        # The quick check during training: the first 32 packed blocks of valid (8k tokens at 256).
+        self.quick_valid = pack(token_stream(tokenizer, [r["text"] for r in self.valid]), args.seq_len)[:32]
+        console.log(f"{len(train_texts)} train articles → {len(self.stream):,} tokens, {len(self.blocks)} blocks "
+                    f"of {args.seq_len}")
+
+    def batch(self, step: int) -> torch.Tensor:
+        return batch_for(step, self.blocks, self.args.batch, self.args.seed)
+
+    def epochs(self, steps: int) -> float:
+        return round(steps * self.args.batch / len(self.blocks), 3)
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # Norm gains are not decayed (they set scales, not features), as in GPT-2 / Llama training.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+
+def new_state(total: int | None, fingerprint: dict) -> dict:
+    return {"step": 0, "total": total, "train_seconds": 0.0, "first_loss": None, "history": [], "config": fingerprint}
+
+
+def train_steps(model, optimizer, state: dict, data: TrainData, *, schedule: argparse.Namespace, work: Path,
+                eval_every: int, minutes: float | None = None, offset: int = 0) -> None:
+    """Optimizer steps ``state["step"]`` .. ``state["total"]`` of a run whose first step reads batch ``offset``
+    of the data order (0 for a new teacher; the steps already taken for a continued one). The learning rate
+    follows ``schedule`` (lr, warmup, min_lr_ratio) over this run's own steps. Every ``eval_every`` steps the
+    quick valid loss joins ``state["history"]`` and a checkpoint is written to ``work``."""
     loss_col = TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}")
+    clip = data.args.clip
     model.train()
     step_times: list[float] = []
     with progress(loss_col) as bar:
         task = bar.add_task("train teacher", total=state["total"], completed=state["step"], loss=float("nan"), lr=0.0)
         while state["total"] is None or state["step"] < state["total"]:
             step, t0 = state["step"], time.time()
-            lr = lr_at(step, state["total"] or 10**9, args)
+            lr = lr_at(step, state["total"] or 10**9, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = batch_for(step, train_blocks, args.batch, args.seed)
+            x = data.batch(offset + step)
             loss = next_token_nll(model, x) / x[:, 1:].numel()
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             # Stop on a blow-up instead of silently training NaNs into the checkpoint.
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                sys.exit(f"error: non-finite loss or gradient at step {step} — lower --lr")
+                sys.exit(f"error: non-finite loss or gradient at step {offset + step} — lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -365,49 +436,99 @@ def run(args: argparse.Namespace) -> dict:
             if state["total"] is None and len(step_times) == 12:
                 # Steps 3..12 (the first ones pay for allocator warm-up) set the run length for the budget.
                 per_step = sum(step_times[2:]) / 10
-                state["total"] = max(state["step"], int(args.minutes * 60 / per_step))
-                console.log(f"{per_step:.2f} s/step → {state['total']} steps fit in {args.minutes:g} min")
+                state["total"] = max(state["step"], int(minutes * 60 / per_step))
+                console.log(f"{per_step:.2f} s/step → {state['total']} steps fit in {minutes:g} min")
                 bar.update(task, total=state["total"])
             bar.update(task, advance=1, loss=loss.item(), lr=lr)
 
-            if state["step"] % args.eval_every == 0 or state["step"] == state["total"]:
-                val = block_loss(model, quick_valid)
-                state["history"].append({"step": state["step"], "train_loss": round(loss.item(), 4),
+            if state["step"] % eval_every == 0 or state["step"] == state["total"]:
+                val = block_loss(model, data.quick_valid)
+                state["history"].append({"step": offset + state["step"], "train_loss": round(loss.item(), 4),
                                          "valid_loss": round(val, 4)})
-                console.log(f"step {state['step']}/{state['total']}  train {loss.item():.3f}  "
+                console.log(f"step {offset + state['step']}/{offset + state['total']}  train {loss.item():.3f}  "
                             f"valid(32 blocks) {val:.3f}  {state['train_seconds'] / 60:.1f} min")
                 save_checkpoint(work, model, optimizer, state)
 
-    summary = {
-        "load_average": [load_at_start, os.getloadavg()[0]],
-        "seed": args.seed,
-        "steps": state["total"],
-        "tokens_seen": state["total"] * args.batch * args.seq_len,
-        "train_tokens": len(train_stream),
-        "epochs": round(state["total"] * args.batch / len(train_blocks), 3),
-        "train_minutes": round(state["train_seconds"] / 60, 1),
-        "first_loss": state["first_loss"],
-        "params": sum(p.numel() for p in model.parameters()),
-        "history": state["history"],
-        "machine": machine(args.threads),
-        "versions": versions(),
-        "command": reproduce_command(args, state["total"]),
-        "data_sha256": {p.name: sha256(p) for p in (args.train, args.valid)},
-    }
-    # Score exactly what ships: the weights rounded to --save-dtype (computed in float32 on the CPU).
+
+def finish(model, tokenizer, summary: dict, args: argparse.Namespace, valid: list[dict], *, out: Path,
+           overwrite: bool, test_articles: int | None, started: float) -> dict:
+    """Score exactly what ships (the weights rounded to --save-dtype, computed in float32 on the CPU) and
+    write checkpoint, tokenizer, training.json and card into ``out``, all or nothing. ``args`` are the
+    settings of the run that made the teacher (the card describes its shape and first schedule)."""
     shipped = getattr(torch, args.save_dtype)
     model = model.to(shipped).float().eval()
     summary["weights_dtype"] = args.save_dtype
-    summary.update(perplexities(model, tokenizer, valid, args.raw_test, args.test_articles))
+    summary.update(perplexities(model, tokenizer, valid, args.raw_test, test_articles))
     summary["wall_minutes_this_process"] = round((time.time() - started) / 60, 1)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         model.to(shipped).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(model.config, args, summary))
         readable(tmp)
-    report(args.out, summary)
+    report(out, summary)
     return summary
+
+
+def continue_training(args: argparse.Namespace) -> dict:
+    """Train a finished teacher further: its weights as shipped and its tokenizer, the batches its run would
+    have read next (``batch_for`` at the steps after its last), its batch, AdamW settings and clip, fresh
+    optimizer moments, a linear re-warm-up to ``--lr`` and a cosine down to ``--min-lr-ratio`` of it (the
+    usual way to extend a finished cosine run). The result records every stage's command, so the shipped
+    teacher is reproduced by running them in order."""
+    check_output_dir(args.out, args.overwrite)  # before any expensive work
+    base_json = args.source / "training.json"
+    if not base_json.is_file():
+        sys.exit(f"error: {base_json}: not found — --from must be a teacher written by `train` or `continue`")
+    base = json.loads(base_json.read_text())
+    original = parse_args(shlex.split(base["command"])[2:])  # the settings the teacher was first trained with
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    work = args.work or REPO / "runs" / "teacher-continue"
+    started = time.time()
+    load_at_start = os.getloadavg()[0]
+    changed = [p.name for p in (original.train, original.valid) if sha256(p) != base["data_sha256"].get(p.name)]
+    if changed:
+        sys.exit(f"error: {', '.join(changed)} differ from the text {args.source} was trained on — "
+                 "restore the shipped data files")
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.source)
+    model = LlamaForCausalLM.from_pretrained(args.source, dtype=torch.float32)
+    data = TrainData(original, tokenizer)
+    optimizer = make_optimizer(model, args.lr, original.weight_decay)
+    fingerprint = {"from": sha256(args.source / "model.safetensors"), **config_fingerprint(args)}
+    state = load_checkpoint(work, model, optimizer, fingerprint)
+    if state is not None:
+        console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
+    else:
+        state = new_state(args.steps, fingerprint)
+    offset = base["steps"]
+    train_steps(model, optimizer, state, data, schedule=args, work=work, eval_every=args.eval_every, offset=offset)
+
+    stage = {
+        "command": continue_command(args, state["total"]),
+        "from_sha256": fingerprint["from"],
+        "first_step": offset + 1,
+        "valid_loss_from": base["valid"]["loss"],  # the whole valid split, before this stage
+        "steps": state["total"],
+        "lr": args.lr, "warmup": args.warmup, "min_lr_ratio": args.min_lr_ratio,
+        "train_minutes": round(state["train_seconds"] / 60, 1),
+        "machine": machine(args.threads),
+        "load_average": [load_at_start, os.getloadavg()[0]],
+        "versions": versions(),
+    }
+    total = offset + state["total"]
+    summary = {
+        **base,
+        "steps": total,
+        "tokens_seen": total * original.batch * original.seq_len,
+        "epochs": data.epochs(total),
+        "train_minutes": round(base["train_minutes"] + stage["train_minutes"], 1),
+        "history": base["history"] + state["history"],
+        "continued": base.get("continued", []) + [stage],
+    }
+    return finish(model, tokenizer, summary, original, data.valid, out=args.out, overwrite=args.overwrite,
+                  test_articles=original.test_articles, started=started)
 
 
 def perplexities(model, tokenizer, valid: list[dict], raw_test: Path, test_articles: int | None) -> dict:
@@ -473,10 +594,20 @@ def config_fingerprint(args: argparse.Namespace) -> dict:
 
 
 def reproduce_command(args: argparse.Namespace, steps: int) -> str:
-    argv = ["python", "scripts/train_teacher.py", "train", "--seed", str(args.seed), "--steps", str(steps)]
-    defaults = vars(parse_args(["train", "--out", "x"]))
+    return _command(args, ["train", "--seed", str(args.seed), "--steps", str(steps)], {"seed", "minutes"})
+
+
+def continue_command(args: argparse.Namespace, steps: int) -> str:
+    return _command(args, ["continue", "--steps", str(steps), "--from", "minitron/assets/teacher"], {"source"})
+
+
+def _command(args: argparse.Namespace, head: list[str], implied: set[str]) -> str:
+    """The command line that repeats a run and writes the shipped teacher: ``head``, then every setting that
+    differs from its default (``implied`` ones are in ``head`` or do not change the weights)."""
+    argv = ["python", "scripts/train_teacher.py", *head]
+    defaults = vars(parse_args([head[0], "--out", "x", "--steps", "1"]))
     for key, value in vars(args).items():
-        if key in {"verb", "seed", "steps", "minutes", "out", "overwrite", "work"} or value == defaults[key]:
+        if key in implied | {"verb", "steps", "out", "overwrite", "work"} or value == defaults[key]:
             continue
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
@@ -514,16 +645,34 @@ def load_note(s: dict) -> str:
     return f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
 
 
-def plateau_note(history: list[dict]) -> str:
-    """How much the valid loss still fell at the end of training: the evidence for where training stopped."""
+def schedule_note(args: argparse.Namespace, s: dict) -> str:
+    """The learning-rate schedule of the first run and of every continuation after it."""
+    first = f"linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g}"
+    later = [f"steps {c['first_step']:,}–{c['first_step'] + c['steps'] - 1:,}: fresh AdamW moments, re-warm-up "
+             f"{c['warmup']} steps to {c['lr']:g}, cosine to {c['lr'] * c['min_lr_ratio']:g}"
+             for c in s.get("continued", [])]
+    return "; then ".join([(f"steps 1–{s['continued'][0]['first_step'] - 1:,}: " if later else "") + first, *later])
+
+
+def plateau_note(s: dict) -> str:
+    """How much the valid loss still fell at the end of training, and what each continuation gained on the
+    whole valid split: the evidence for where training stopped."""
+    history, stages = s["history"], s.get("continued", [])
     if len(history) < 3:
         return ""
     (a, b, c) = history[-3:]
     first = history[0]
-    return (f"Over the whole run the valid loss fell {first['valid_loss'] - c['valid_loss']:.3f} nats after step "
+    note = (f"Over the whole run the valid loss fell {first['valid_loss'] - c['valid_loss']:.3f} nats after step "
             f"{first['step']}; over the last two intervals it fell {a['valid_loss'] - b['valid_loss']:.3f} "
             f"(steps {a['step']}–{b['step']}) and {b['valid_loss'] - c['valid_loss']:.3f} "
             f"(steps {b['step']}–{c['step']}) nats.")
+    ends = [st["valid_loss_from"] for st in stages[1:]] + [s["valid"]["loss"]] if "valid" in s else []
+    for st, end in zip(stages, ends):
+        note += (f" Continuing for steps {st['first_step']:,}–{st['first_step'] + st['steps'] - 1:,} took the loss on "
+                 f"the whole valid split from {st['valid_loss_from']:.4f} to {end:.4f} "
+                 f"({end - st['valid_loss_from']:+.4f} nats, {(end - st['valid_loss_from']) * 1000 / st['steps']:+.4f} "
+                 f"per 1,000 steps).")
+    return note
 
 
 def model_card(config: LlamaConfig, args: argparse.Namespace, s: dict) -> str:
@@ -586,10 +735,10 @@ during training; `{PAD}` (id {config.pad_token_id}) is padding only. No token is
 | tokens seen | {s['tokens_seen']:,} ({s['epochs']} epochs) |
 | steps | {s['steps']:,} × {args.batch} sequences × {args.seq_len} tokens |
 | optimizer | AdamW (β = 0.9, 0.95; weight decay {args.weight_decay} on matrices), gradient clip {args.clip} |
-| schedule | linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g} |
+| schedule | {schedule_note(args, s)} |
 | seed | {s['seed']} |
 | training time | {s['train_minutes']} min of wall time in optimizer steps ({s['train_minutes'] * 60 / s['steps']:.2f} s / step){load_note(s)} |
-| machine | {s['machine']} — no GPU was available for this run |
+| machine | {s['machine']}{"".join(f"; steps {c['first_step']:,}–{c['first_step'] + c['steps'] - 1:,}: {c['machine']}" for c in s.get('continued', []))} — no GPU was available |
 | software | torch {s['versions'].get('torch')}, transformers {s['versions'].get('transformers')} |
 
 ## Evaluation
@@ -616,16 +765,17 @@ Loss on the first 32 packed valid blocks during training:
 |---|---|---|
 {history}
 
-{plateau_note(s['history'])}
+{plateau_note(s)}
 
 ## Reproduce
 
 ```bash
-{s['command']}
+{chr(10).join([s['command'], *(c['command'] for c in s.get('continued', []))])}
 ```
 
-Same seed, same steps, the same number of CPU threads and the same library versions give the same weights; a run stopped
-midway resumes from its checkpoint in `runs/teacher-seed{s['seed']}/` when started again.
+{"These commands, run in order on" if s.get('continued') else "Same seed, same steps,"} the same number of CPU threads and the same library
+versions{"," if s.get('continued') else ""} give the same weights; a run stopped midway resumes from its checkpoint in
+`runs/teacher-seed{s['seed']}/` (`runs/teacher-continue/` for `continue`) when started again.
 
 ## Data and license
 
@@ -643,6 +793,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args.wikitext, args.out)
     elif args.verb == "rescore":
         rescore(args)
+    elif args.verb == "continue":
+        continue_training(args)
     else:
         run(args)
 

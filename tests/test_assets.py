@@ -213,3 +213,66 @@ def test_script_refuses_existing_output_before_work(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         _script().main(_tiny_args(tmp_path, "a"))
     assert not (tmp_path / "a-work").exists()
+
+
+def _continue_args(tmp_path: Path, source: str, name: str, steps: int = 4) -> list[str]:
+    return ["continue", "--from", str(tmp_path / source), "--out", str(tmp_path / name),
+            "--work", str(tmp_path / f"{name}-work"), "--steps", str(steps), "--warmup", "1", "--eval-every", "2"]
+
+
+def test_script_continue_reads_on_in_data_order_adds_up_the_stages_and_resumes(tmp_path, monkeypatch):
+    script = _script()
+    script.main(_tiny_args(tmp_path, "a"))
+    steps_read: list[int] = []
+    real_batch_for = script.batch_for
+
+    def recording_batch_for(step, *args, **kwargs):
+        steps_read.append(step)
+        return real_batch_for(step, *args, **kwargs)
+
+    monkeypatch.setattr(script, "batch_for", recording_batch_for)
+    script.main(_continue_args(tmp_path, "a", "b"))
+    assert steps_read == [4, 5, 6, 7]  # the batches the 4-step run would have read next
+    monkeypatch.setattr(script, "batch_for", real_batch_for)
+
+    a, b = (json.loads((tmp_path / n / "training.json").read_text()) for n in ("a", "b"))
+    assert b["steps"] == 8 and b["tokens_seen"] == 2 * a["tokens_seen"]
+    assert b["epochs"] == pytest.approx(2 * a["epochs"], abs=2e-3)
+    assert [h["step"] for h in b["history"]] == [2, 4, 6, 8] and b["history"][:2] == a["history"]
+    (stage,) = b["continued"]
+    assert stage["first_step"] == 5 and stage["steps"] == 4
+    assert stage["command"].startswith("python scripts/train_teacher.py continue --steps 4 ")
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert a["command"] in card and stage["command"] in card and "re-warm-up 1 steps to 0.0005" in card
+    assert stage["valid_loss_from"] == a["valid"]["loss"] and "Continuing for steps 5–8 took the loss" in card
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert not all(torch.equal(wa[k], v) for k, v in wb.items())  # it trained
+    assert b["valid"]["loss"] != a["valid"]["loss"]  # and was scored again
+
+    # Stopped after its first checkpoint, the same command resumes and gives the uninterrupted weights.
+    real_save = script.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(_continue_args(tmp_path, "a", "c"))
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(script, "save_checkpoint", real_save)
+    script.main(_continue_args(tmp_path, "a", "c"))
+    assert all(torch.equal(wb[k], v) for k, v in _weights(tmp_path / "c").items())
+
+    # A continued teacher continues again: the stages accumulate.
+    script.main(_continue_args(tmp_path, "b", "d", steps=2))
+    d = json.loads((tmp_path / "d" / "training.json").read_text())
+    assert d["steps"] == 10 and [c["first_step"] for c in d["continued"]] == [5, 9]
+    assert [h["step"] for h in d["history"]] == [2, 4, 6, 8, 10]
+
+
+def test_script_continue_refuses_a_folder_that_is_not_a_trained_teacher(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SystemExit, match="training.json: not found"):
+        _script().main(_continue_args(tmp_path, "plain", "out"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-work").exists()
