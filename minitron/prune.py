@@ -373,6 +373,14 @@ class Calibration:
     seed: int = 0
 
 
+def student_bytes(stored: dict[str, Stored], student: Shape) -> int:
+    """The bytes of ``student``'s checkpoint at the teacher's stored bytes per parameter (``stored``: the
+    teacher's tensor index): known before calibration chooses what stays, so free space is checked first."""
+    stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
+    stored_params = sum(math.prod(t.shape) for t in stored.values())
+    return student.counts()["total"] * stored_bytes // max(1, stored_params)
+
+
 def local_checkpoint(model: str) -> Path:
     """A local checkpoint folder for ``model``: the folder itself, or a hub snapshot (weights and tokenizer)."""
     from minitron.inputs import is_local
@@ -441,10 +449,7 @@ def run(
     check_output_dir(out, overwrite)
     src = local_checkpoint(model)
     stored = check_weights(src, teacher)  # a broken checkpoint is refused before an hour of calibration, not after
-    # The student's bytes at the teacher's bytes per parameter: known before calibration chooses what stays.
-    stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
-    stored_params = sum(math.prod(t.shape) for t in stored.values())
-    check_output_dir(out, overwrite, size=student.counts()["total"] * stored_bytes // max(1, stored_params))
+    check_output_dir(out, overwrite, size=student_bytes(stored, student))
     if calibration is None:
         # Made now, before any weight is read, so that missing scores are reported at once.
         plan = make_plan(teacher, student, scores, drop_layers)

@@ -146,3 +146,22 @@ def test_one_candidate_from_saved_scores_needs_no_weights_loaded(tmp_path):
     assert record["chosen"]["score"] is None and record["chosen"]["hidden"] == request.candidates()[0].shape.hidden
     assert not (tmp_path / "a").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+
+
+def test_a_destination_without_room_for_the_winner_is_refused_before_calibration(tmp_path, monkeypatch):
+    import shutil
+
+    import minitron.search_scoring
+    from minitron import artifacts, importance
+
+    src = tiny_checkpoint(tmp_path, "llama")
+    shape = Shape.from_config(AutoModelForCausalLM.from_pretrained(src).config)
+    request = Request.parse(shape, target="0.6x", axes="width")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    for module, name in ((importance, "compute_scores"), (minitron.search_scoring.HeldOut, "__init__")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("calibration started"))
+    with pytest.raises(UserError, match="not enough free space"):
+        run(str(src), shape, request, Ranking(top_k=2), out=tmp_path / "student",
+            calibration=Calib(write_calib(tmp_path / "calib.txt")), show_progress=False)  # fmt: skip
+    assert not (tmp_path / "student").exists()
