@@ -56,19 +56,21 @@ def token_blocks(
     samples: int,
     seed: int,
     split: str = "train",
+    what: str = "calibration data",
 ) -> torch.LongTensor:
     """``samples`` blocks of ``seq_len`` token ids, ``[samples, seq_len]``, the same for the same seed.
 
-    ``source`` is anything :func:`load_texts` reads, or a list of documents already loaded.
+    ``source`` is anything :func:`load_texts` reads, or a list of documents already loaded; ``what`` names
+    the text in an error (a list has no path to name).
     """
     if seq_len < 2 or samples < 1:
         raise UserError(
             f"need seq_len ≥ 2 and samples ≥ 1 (got {seq_len}, {samples})", where="--seq-len / --samples"
         )
     texts = list(source) if isinstance(source, list) else load_texts(source, split=split)
-    where = "calibration data" if isinstance(source, list) else str(source)
+    where = what if isinstance(source, list) else str(source)
     if not texts:
-        raise UserError("calibration data holds no text", where=where)
+        raise UserError(f"{what} holds no text", where=where)
     separator = _separator(tokenizer)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -83,7 +85,7 @@ def token_blocks(
             break
     if len(stream) < needed:
         raise UserError(
-            f"calibration data has {len(stream):,} tokens, fewer than samples × seq_len = {needed:,}",
+            f"{what} has {len(stream):,} tokens, fewer than samples × seq_len = {needed:,}",
             where=where,
             fix="pass more text, or lower --samples / --seq-len",
         )

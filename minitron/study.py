@@ -169,15 +169,18 @@ class Lab:
         from minitron.search_scoring import HeldOut
 
         self.teacher, self.shape, self.s, self.progress = teacher, shape, s, progress
-        self.calib = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.calib, seed=0)
+        what = "the study's training text (--text, less the held-out tenth)"
         try:
-            self.train = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.train_blocks(), seed=1)
+            self.calib = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.calib, seed=0, what=what)
+            self.train = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.train_blocks(), seed=1,
+                                      what=what)
         except UserError as e:
-            raise UserError(f"the training text is too short for this study: {e.what}", where="--text",
+            raise UserError(f"too short for this study: {e.what}", where="--text",
                             fix="pass more text, or fewer --retrain-steps (the scratch run reads "
                                 f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)") from None
-        self.heldout = HeldOut(teacher, token_blocks(tokenizer, heldout_docs, seq_len=s.seq_len, samples=s.heldout,
-                                                     seed=2), batch_size=s.batch)
+        heldout = token_blocks(tokenizer, heldout_docs, seq_len=s.seq_len, samples=s.heldout, seed=2,
+                               what="the study's held-out text (every tenth --text document)")
+        self.heldout = HeldOut(teacher, heldout, batch_size=s.batch)
         self.steps_done = 0
 
     def loss(self, model: Any) -> float:
