@@ -39,6 +39,7 @@ from minitron.distill_state import (
     resumed_reserve, save_checkpoint, trainable_state,
 )  # fmt: skip
 from minitron.errors import UserError
+from minitron.inputs import check_seq_len
 from minitron.losses import HiddenStateLoss, combine_losses, forward_kl, layer_outputs, lm_loss, output_head
 from minitron.recipe import Optimizer, Recipe, check_inputs
 
@@ -371,12 +372,8 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
 def _check_context(recipe: Recipe, student_config: Any, teacher_config: Any | None) -> None:
     """``data.seq_len`` must fit both models' context: beyond it, positions the models never saw are trained on."""
     for who, config in (("student", student_config), ("teacher", teacher_config)):
-        context = getattr(config, "max_position_embeddings", None) if config is not None else None
-        if isinstance(context, int) and recipe.data.seq_len > context:
-            raise UserError(
-                f"data.seq_len {recipe.data.seq_len} is longer than the {who}'s context ({context} tokens)",
-                where="data.seq_len", fix=f"set data.seq_len to at most {context}",
-            )  # fmt: skip
+        if config is not None:
+            check_seq_len(config, recipe.data.seq_len, "data.seq_len", whose=who)
 
 
 def _non_finite(stats: dict[str, Any], step: int, recipe: Recipe, run_dir: Path) -> UserError:

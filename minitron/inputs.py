@@ -192,13 +192,13 @@ def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
     return config
 
 
-def check_seq_len(config: Any, seq_len: int, where: str) -> None:
-    """Refuse blocks longer than the model's context: positions beyond it were never trained (and some
-    rotary scalings are undefined there), so the numbers would mean nothing."""
+def check_seq_len(config: Any, seq_len: int, where: str, whose: str = "model") -> None:
+    """Refuse blocks longer than the ``whose`` model's context: positions beyond it were never trained (and
+    some rotary scalings are undefined there), so the numbers, or the training, would mean nothing."""
     context = config_field(config, "max_position_embeddings")
-    if context is not None and seq_len > context:
-        raise UserError(f"{seq_len} tokens is more than the model's context of {context}", where=where,
-                        fix=f"pass at most {context}")  # fmt: skip
+    if isinstance(context, int) and seq_len > context:
+        raise UserError(f"{seq_len} tokens is more than the {whose}'s context of {context}", where=where,
+                        fix=f"use at most {context}")  # fmt: skip
 
 
 # --- weights ----------------------------------------------------------------------------------------------------

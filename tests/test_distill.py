@@ -316,7 +316,7 @@ def test_resume_with_nothing_to_resume_is_refused(tmp_path):
     "extra, words",
     [
         (["eval.blocks=100000"], "held out for evaluation"),
-        (["data.seq_len=1000"], "longer than the student's context"),
+        (["data.seq_len=1000"], "more than the student's context"),
         (["loss.hidden.pairs=[[1,9]]"], "teacher layer 9"),
     ],
 )
