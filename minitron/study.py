@@ -103,7 +103,7 @@ def _documents(text: str | Path | None) -> tuple[list[str], list[str], str]:
 def _teacher(path: str | Path | None):
     from minitron import assets
     from minitron.families import Shape
-    from minitron.inputs import check_weights, load_config, load_model, load_tokenizer
+    from minitron.inputs import check_weights, load_config, load_tokenizer
 
     path = Path(path) if path is not None else assets.teacher_path()
     if not path.is_dir():
@@ -114,10 +114,34 @@ def _teacher(path: str | Path | None):
     if shape.experts:
         raise UserError("the study compares dense width and depth pruning", where=str(path), fix="pass a dense teacher")
     tok = load_tokenizer(str(path), fix="save the tokenizer beside the checkpoint")
+    return path, tok, shape
+
+
+def _load_teacher(path: Path):
+    from minitron.inputs import load_model
+
     model = load_model(path, dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return path, model, tok, shape
+    return model
+
+
+def study_blocks(tokenizer: Any, train_docs: list[str], heldout_docs: list[str], s: Settings):
+    """The token blocks every run of a study reads: calibration, training (distinct blocks for every run) and
+    held-out; a text too short for the settings is refused here, before any model is loaded."""
+    from minitron.data import token_blocks
+
+    what = "the study's training text (--text, less the held-out tenth)"
+    try:
+        calib = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.calib, seed=0, what=what)
+        train = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.train_blocks(), seed=1, what=what)
+    except UserError as e:
+        raise UserError(f"too short for this study: {e.what}", where="--text",
+                        fix="pass more text, or fewer --retrain-steps (the scratch run reads "
+                            f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)") from None
+    heldout = token_blocks(tokenizer, heldout_docs, seq_len=s.seq_len, samples=s.heldout, seed=2,
+                           what="the study's held-out text (every tenth --text document)")
+    return calib, train, heldout
 
 
 # --- scores ---------------------------------------------------------------------------------------------------
@@ -164,22 +188,11 @@ def inverted_scores(like: Any) -> Any:
 class Lab:
     """The teacher, the data and the held-out yardstick, shared by every run of a study."""
 
-    def __init__(self, teacher: Any, tokenizer: Any, shape: Any, train_docs, heldout_docs, s: Settings, progress):
-        from minitron.data import token_blocks
+    def __init__(self, teacher: Any, shape: Any, blocks, s: Settings, progress):
         from minitron.search_scoring import HeldOut
 
         self.teacher, self.shape, self.s, self.progress = teacher, shape, s, progress
-        what = "the study's training text (--text, less the held-out tenth)"
-        try:
-            self.calib = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.calib, seed=0, what=what)
-            self.train = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.train_blocks(), seed=1,
-                                      what=what)
-        except UserError as e:
-            raise UserError(f"too short for this study: {e.what}", where="--text",
-                            fix="pass more text, or fewer --retrain-steps (the scratch run reads "
-                                f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)") from None
-        heldout = token_blocks(tokenizer, heldout_docs, seq_len=s.seq_len, samples=s.heldout, seed=2,
-                               what="the study's held-out text (every tenth --text document)")
+        self.calib, self.train, heldout = blocks
         self.heldout = HeldOut(teacher, heldout, batch_size=s.batch)
         self.steps_done = 0
 
@@ -378,10 +391,12 @@ def run_part(part: str, teacher: str | Path | None, text: str | Path | None, s: 
 
         hf_logging.disable_progress_bar()
     train_docs, heldout_docs, _ = _documents(text)
-    _, model, tok, shape = _teacher(teacher)
+    path, tok, shape = _teacher(teacher)
+    blocks = study_blocks(tok, train_docs, heldout_docs, s)
+    model = _load_teacher(path)
     cpu, seeds = time.process_time(), list(range(s.seeds))
     with progress() if show else Progress(disable=True) as bar:
-        lab = Lab(model, tok, shape, train_docs, heldout_docs, s, bar)
+        lab = Lab(model, shape, blocks, s, bar)
         depth, width, candidates = shapes(shape)
         wanted = AGGREGATIONS if part == "importance" else AGGREGATIONS[:1]
         activation = {_agg_name(b, q): compute_scores(model, lab.calib, batch_size=s.batch, batch_agg=b, seq_agg=q,
@@ -421,8 +436,9 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
     if small or workers < 1:
         key = small[0] if small else "workers"
         raise UserError(f"{key} is {getattr(s, key, workers)}", where=f"--{key.replace('_', '-')}", fix="pass a positive number")
-    _, _, source = _documents(text)  # before the teacher loads: a bad file fails fast
-    path, _, _, shape = _teacher(teacher)
+    train_docs, heldout_docs, source = _documents(text)  # before the teacher loads: a bad file fails fast
+    path, tok, shape = _teacher(teacher)
+    study_blocks(tok, train_docs, heldout_docs, s)  # a text too short for these sizes, too (seconds to tokenize)
     depth, width, _ = shapes(shape)
     started, load_start = time.perf_counter(), os.getloadavg()
     threads = torch.get_num_threads()
