@@ -3,12 +3,15 @@
 :func:`write` records the pruning (teacher, teacher vs student shape and parameter counts, dropped layers,
 which scores chose the units, the exact command, library versions, date). Later stages append their own
 section with :func:`add_distillation_section`; a card is only ever added to, never rewritten, so the
-lineage reads top to bottom in the order things happened.
+lineage reads top to bottom in the order things happened. :func:`read_lineage` reads it back (with
+plan.json) for ``minitron eval``'s results and the leaderboard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import yaml
 
 from minitron.artifacts import versions
+from minitron.families import Shape
 from minitron.inputs import is_local
 from minitron.plan import Plan, layer_ranges
 
@@ -92,3 +96,63 @@ def add_distillation_section(card_path: str | Path, facts: dict[str, Any]) -> No
     text = path.read_text() if path.is_file() else f"# {path.parent.name}\n"
     section = "## Distillation\n\n" + _table([("date", _now())] + list(facts.items()), ("", ""))
     path.write_text(text.rstrip("\n") + "\n\n" + section + "\n")
+
+
+# --- reading it back ------------------------------------------------------------------------------------------------
+
+
+def _front_matter(text: str) -> dict[str, Any]:
+    match = re.match(r"\A---\n(.*?)\n---\n", text, re.S)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _section_table(text: str, title: str) -> dict[str, str]:
+    """The two-column ``| key | value |`` rows of one ``## title`` section of a model card."""
+    match = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    rows: dict[str, str] = {}
+    for line in (match.group(1) if match else "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] and not set(cells[0]) <= set("-: "):
+            rows.setdefault(cells[0], cells[1].strip("`"))
+    return rows
+
+
+def read_lineage(model: str | Path) -> dict[str, Any]:
+    """Where a checkpoint came from, as far as its model card (README.md) and plan.json say.
+
+    ``pruned_from`` is the teacher row of the card's "Pruning" section, ``distilled_from`` that of its
+    "Distillation" section, ``base_model`` the card's front matter; ``teacher`` is the first of
+    distilled_from, pruned_from, base_model. plan.json adds the teacher's parameter count and dropped layers.
+    """
+    folder = Path(model)
+    facts: dict[str, Any] = {}
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        base = _front_matter(text).get("base_model")
+        if isinstance(base, list):
+            base = base[0] if base else None
+        for key, value in (
+            ("distilled_from", _section_table(text, "Distillation").get("teacher")),
+            ("pruned_from", _section_table(text, "Pruning").get("teacher")),
+            ("base_model", base),
+        ):
+            if value:
+                facts[key] = str(value)
+        facts["card"] = "README.md"
+    plan = folder / "plan.json"
+    if plan.is_file():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            data = json.loads(plan.read_text())
+            facts["teacher_params"] = Shape(**data["teacher"]).counts()["total"]
+            facts["dropped_layers"] = list(data.get("dropped_layers", []))
+    teacher = facts.get("distilled_from") or facts.get("pruned_from") or facts.get("base_model")
+    if teacher:
+        facts["teacher"] = teacher
+    return facts

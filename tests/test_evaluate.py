@@ -19,7 +19,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from minitron import eval_data
 from minitron.errors import UserError
-from minitron.evaluate import PROMPTS, eval_dir, evaluate, generate_samples, parse_tasks, read_lineage, summarize
+from minitron.evaluate import PROMPTS, eval_dir, evaluate, generate_samples, parse_tasks, summarize
 from tiny import tiny_model
 
 SAMPLES = Path(__file__).parent / "data" / "eval"
@@ -354,18 +354,6 @@ def test_summary_reads_hub_keys():
         "HellaSwag": {"task": "hellaswag", "key": "acc_norm,none", "value": 0.5, "stderr": 0.1,
                       "higher_is_better": True, "samples": 10}
     }  # fmt: skip
-
-
-def test_lineage_from_card_and_plan(tmp_path):
-    (tmp_path / "README.md").write_text("---\nbase_model: org/teacher\n---\n\n# x\n")
-    assert read_lineage(tmp_path) == {"base_model": "org/teacher", "teacher": "org/teacher", "card": "README.md"}
-    (tmp_path / "README.md").write_text(PRUNED_CARD)
-    shape = {"model_type": "llama", "hidden": 64, "ffn": 96, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 16,
-             "vocab": 128, "tied": False}  # fmt: skip
-    (tmp_path / "plan.json").write_text(json.dumps({"teacher": shape, "dropped_layers": [2, 3]}))
-    facts = read_lineage(tmp_path)
-    assert facts["pruned_from"] == "/models/tiny-teacher" and facts["distilled_from"] == "/models/tiny-teacher-corrected"
-    assert facts["dropped_layers"] == [2, 3] and facts["teacher_params"] > 0
 
 
 # --- bad input -----------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """The model card records the lineage and is only ever appended to."""
 
+import json
+
 import yaml
+from test_evaluate import PRUNED_CARD
 from test_plan import random_scores, tiny_shape
 
 from minitron import model_card
@@ -56,3 +59,15 @@ def test_distillation_section_starts_a_missing_card(tmp_path):
     card.parent.mkdir()
     model_card.add_distillation_section(card, {"teacher": "org/model"})
     assert card.read_text().startswith("# student\n") and "| teacher | org/model |" in card.read_text()
+
+
+def test_lineage_read_back_from_card_and_plan(tmp_path):
+    (tmp_path / "README.md").write_text("---\nbase_model: org/teacher\n---\n\n# x\n")
+    assert model_card.read_lineage(tmp_path) == {"base_model": "org/teacher", "teacher": "org/teacher", "card": "README.md"}
+    (tmp_path / "README.md").write_text(PRUNED_CARD)
+    shape = {"model_type": "llama", "hidden": 64, "ffn": 96, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 16,
+             "vocab": 128, "tied": False}  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps({"teacher": shape, "dropped_layers": [2, 3]}))
+    facts = model_card.read_lineage(tmp_path)
+    assert facts["pruned_from"] == "/models/tiny-teacher" and facts["distilled_from"] == "/models/tiny-teacher-corrected"
+    assert facts["dropped_layers"] == [2, 3] and facts["teacher_params"] > 0
