@@ -174,6 +174,20 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+def _interrupted_after_first_checkpoint(script, monkeypatch, argv: list[str]) -> None:
+    """Run the script with ``argv`` and stop it (KeyboardInterrupt) right after its first checkpoint."""
+    real_save = script.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(script, "save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            script.main(argv)
+
+
 def test_script_same_seed_same_run_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     script = _script()
     script.main(_tiny_args(tmp_path, "a"))
@@ -187,18 +201,9 @@ def test_script_same_seed_same_run_and_resume_equals_uninterrupted(tmp_path, mon
     assert json.loads((tmp_path / "seed1" / "training.json").read_text())["first_loss"] != a["first_loss"]
 
     # Interrupt right after the step-2 checkpoint, then run the same command again: it resumes there.
-    real_save = script.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(script, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(_tiny_args(tmp_path, "c"))
+    _interrupted_after_first_checkpoint(script, monkeypatch, _tiny_args(tmp_path, "c"))
     assert not (tmp_path / "c").exists()  # nothing half-written
     assert json.loads((tmp_path / "c-work" / "last" / "state.json").read_text())["step"] == 2
-    monkeypatch.setattr(script, "save_checkpoint", real_save)
     script.main(_tiny_args(tmp_path, "c"))
     wc = _weights(tmp_path / "c")
     assert all(torch.equal(wa[k], v) for k, v in wc.items())
@@ -250,17 +255,8 @@ def test_script_continue_reads_on_in_data_order_adds_up_the_stages_and_resumes(t
     assert b["valid"]["loss"] != a["valid"]["loss"]  # and was scored again
 
     # Stopped after its first checkpoint, the same command resumes and gives the uninterrupted weights.
-    real_save = script.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(script, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(_continue_args(tmp_path, "a", "c"))
+    _interrupted_after_first_checkpoint(script, monkeypatch, _continue_args(tmp_path, "a", "c"))
     assert not (tmp_path / "c").exists()
-    monkeypatch.setattr(script, "save_checkpoint", real_save)
     script.main(_continue_args(tmp_path, "a", "c"))
     assert all(torch.equal(wb[k], v) for k, v in _weights(tmp_path / "c").items())
 
