@@ -662,9 +662,12 @@ def plateau_note(s: dict) -> str:
         return ""
     (a, b, c) = history[-3:]
     first = history[0]
-    note = (f"Over the whole run the valid loss fell {first['valid_loss'] - c['valid_loss']:.3f} nats after step "
-            f"{first['step']}; over the last two intervals it fell {a['valid_loss'] - b['valid_loss']:.3f} "
-            f"(steps {a['step']}–{b['step']}) and {b['valid_loss'] - c['valid_loss']:.3f} "
+    def fell(x: float, y: float) -> str:  # rounded first, so that a change below 0.0005 reads 0.000, not -0.000
+        return f"{round(x - y, 3) + 0.0:.3f}"
+
+    note = (f"Over the whole run the valid loss fell {fell(first['valid_loss'], c['valid_loss'])} nats after step "
+            f"{first['step']}; over the last two intervals it fell {fell(a['valid_loss'], b['valid_loss'])} "
+            f"(steps {a['step']}–{b['step']}) and {fell(b['valid_loss'], c['valid_loss'])} "
             f"(steps {b['step']}–{c['step']}) nats.")
     ends = [st["valid_loss_from"] for st in stages[1:]] + [s["valid"]["loss"]] if "valid" in s else []
     for st, end in zip(stages, ends):
