@@ -40,6 +40,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ DATA = REPO / "minitron" / "assets" / "data" / "wikitext-2"
 TEACHER = REPO / "minitron" / "assets" / "teacher"
 RAW_TEST = REPO / "minitron" / "assets" / "data" / "eval" / "wikitext-2-raw" / "wiki.test.raw"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 console = Console(stderr=True)
 
 
@@ -111,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="finished teacher folder (from train or continue); default the shipped one")
     c.add_argument("--out", type=Path, required=True, help="folder for the continued teacher (may be --from)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    c.add_argument("--work", type=Path, default=None, help="checkpoint folder for resuming (default runs/teacher-continue)")
+    c.add_argument("--work", type=Path, default=None,
+                   help="checkpoint folder for resuming (default runs/teacher-continue-<first 12 of --from's sha256>)")
     c.add_argument("--steps", type=int, required=True, help="optimizer steps to add")
     c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the re-warm-up")
     c.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
@@ -451,7 +454,7 @@ def train_steps(model, optimizer, state: dict, data: TrainData, *, schedule: arg
 
 
 def finish(model, tokenizer, summary: dict, args: argparse.Namespace, valid: list[dict], *, out: Path,
-           overwrite: bool, test_articles: int | None, started: float) -> dict:
+           overwrite: bool, test_articles: int | None, started: float, tokenizer_from: Path | None = None) -> dict:
     """Score exactly what ships (the weights rounded to --save-dtype, computed in float32 on the CPU) and
     write checkpoint, tokenizer, training.json and card into ``out``, all or nothing. ``args`` are the
     settings of the run that made the teacher (the card describes its shape and first schedule)."""
@@ -462,7 +465,11 @@ def finish(model, tokenizer, summary: dict, args: argparse.Namespace, valid: lis
     summary["wall_minutes_this_process"] = round((time.time() - started) / 60, 1)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.to(shipped).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer_from is None:
+            tokenizer.save_pretrained(tmp)
+        else:  # unchanged: copied byte for byte (a loaded tokenizer saves its load options into its config)
+            for name in TOKENIZER_FILES:
+                shutil.copyfile(tokenizer_from / name, tmp / name)
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(model.config, args, summary))
         readable(tmp)
@@ -484,7 +491,6 @@ def continue_training(args: argparse.Namespace) -> dict:
     original = parse_args(shlex.split(base["command"])[2:])  # the settings the teacher was first trained with
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    work = args.work or REPO / "runs" / "teacher-continue"
     started = time.time()
     load_at_start = os.getloadavg()[0]
     changed = [p.name for p in (original.train, original.valid) if sha256(p) != base["data_sha256"].get(p.name)]
@@ -497,6 +503,8 @@ def continue_training(args: argparse.Namespace) -> dict:
     data = TrainData(original, tokenizer)
     optimizer = make_optimizer(model, args.lr, original.weight_decay)
     fingerprint = {"from": sha256(args.source / "model.safetensors"), **config_fingerprint(args)}
+    # One folder per starting point: the stages of a teacher, run one after the other, never meet each other's.
+    work = args.work or REPO / "runs" / f"teacher-continue-{fingerprint['from'][:12]}"
     state = load_checkpoint(work, model, optimizer, fingerprint)
     if state is not None:
         console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
@@ -528,7 +536,7 @@ def continue_training(args: argparse.Namespace) -> dict:
         "continued": base.get("continued", []) + [stage],
     }
     return finish(model, tokenizer, summary, original, data.valid, out=args.out, overwrite=args.overwrite,
-                  test_articles=original.test_articles, started=started)
+                  test_articles=original.test_articles, started=started, tokenizer_from=args.source)
 
 
 def perplexities(model, tokenizer, valid: list[dict], raw_test: Path, test_articles: int | None) -> dict:
@@ -645,6 +653,15 @@ def load_note(s: dict) -> str:
     return f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
 
 
+def machine_note(s: dict) -> str:
+    """The machine of the first run, and of each continuation where it differed."""
+    stages = s.get("continued", [])
+    if all(c["machine"] == s["machine"] for c in stages):
+        return s["machine"] + (", every stage" if stages else "")
+    return "; ".join([s["machine"], *(f"steps {c['first_step']:,}–{c['first_step'] + c['steps'] - 1:,}: "
+                                      f"{c['machine']}" for c in stages)])
+
+
 def schedule_note(args: argparse.Namespace, s: dict) -> str:
     """The learning-rate schedule of the first run and of every continuation after it."""
     first = f"linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g}"
@@ -741,7 +758,7 @@ during training; `{PAD}` (id {config.pad_token_id}) is padding only. No token is
 | schedule | {schedule_note(args, s)} |
 | seed | {s['seed']} |
 | training time | {s['train_minutes']} min of wall time in optimizer steps ({s['train_minutes'] * 60 / s['steps']:.2f} s / step){load_note(s)} |
-| machine | {s['machine']}{"".join(f"; steps {c['first_step']:,}–{c['first_step'] + c['steps'] - 1:,}: {c['machine']}" for c in s.get('continued', []))} — no GPU was available |
+| machine | {machine_note(s)} — no GPU was available |
 | software | torch {s['versions'].get('torch')}, transformers {s['versions'].get('transformers')} |
 
 ## Evaluation
@@ -755,7 +772,7 @@ EOS as the first token's context, then disjoint windows of {args.seq_len} predic
 
 - **WikiText-2 valid (v1)**: the valid split in the training text's form (detokenized, `<unk>` kept);
   `minitron/assets/data/wikitext-2/valid.jsonl.gz`. Not used for any choice during training except the
-  32-block loss curve below.
+  32-block loss curve below{" and, by its whole-split loss, whether to train further (`continue`)" if s.get("continued") else ""}.
 - **WikiText-2 raw test**: `wikitext-2-raw-v1` test (real words instead of `<unk>`), cut into articles and
   detokenized exactly as `minitron eval`'s `wikitext` task does (`minitron/assets/data/eval/wikitext-2-raw/`),
   so its word perplexity is the number the leaderboard shows for this teacher.
@@ -778,7 +795,8 @@ Loss on the first 32 packed valid blocks during training:
 
 {"These commands, run in order on" if s.get('continued') else "Same seed, same steps,"} the same number of CPU threads and the same library
 versions{"," if s.get('continued') else ""} give the same weights; a run stopped midway resumes from its checkpoint in
-`runs/teacher-seed{s['seed']}/` (`runs/teacher-continue/` for `continue`) when started again.
+`runs/teacher-seed{s['seed']}/` (`runs/teacher-continue-<sha256 of the starting weights>/` for `continue`) when
+started again.
 
 ## Data and license
 

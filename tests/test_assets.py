@@ -253,6 +253,8 @@ def test_script_continue_reads_on_in_data_order_adds_up_the_stages_and_resumes(t
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert not all(torch.equal(wa[k], v) for k, v in wb.items())  # it trained
     assert b["valid"]["loss"] != a["valid"]["loss"]  # and was scored again
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tokenizer is the teacher's, unchanged
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
 
     # Stopped after its first checkpoint, the same command resumes and gives the uninterrupted weights.
     _interrupted_after_first_checkpoint(script, monkeypatch, _continue_args(tmp_path, "a", "c"))
