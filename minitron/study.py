@@ -455,7 +455,8 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
             parts = list(pool.map(run_part, PARTS, [teacher] * 4, [text] * 4, [s] * 4, [False] * 4))
     results = {k: v for part, _ in parts for k, v in part.items()}
     record = {
-        "teacher": {"path": str(path), "shape": shape.to_dict(), "params": shape.counts()["total"]},
+        # The bundled teacher by its place in the package, not this machine's install path.
+        "teacher": {"path": str(path) if teacher is not None else "minitron/assets/teacher", "shape": shape.to_dict(), "params": shape.counts()["total"]},
         "text": source, "settings": asdict(s), "quick": quick, "seeds": list(range(s.seeds)),
         "train_blocks": s.train_blocks(), "longest_run_blocks": s.longest_run_blocks(),
         "shapes": {"width": width.to_dict(), "depth": depth.to_dict(), "width_params": width.counts()["total"],
