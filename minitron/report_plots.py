@@ -44,6 +44,7 @@ def plot_accuracy_vs_params(rows: list[Row]) -> str | None:
     fig = figure(4.2 * len(labels), 3.6)
     for i, label in enumerate(labels):
         ax = fig.add_subplot(1, len(labels), i + 1)
+        names: dict[tuple[float, float], list[Row]] = {}  # models on the same spot share one label
         for row in rows:
             if label not in row.scores:
                 continue
@@ -58,8 +59,11 @@ def plot_accuracy_vs_params(rows: list[Row]) -> str | None:
                 ax.errorbar(row.params, y, yerr=[[min(e, y)], [min(e, 100 - y)]], color=colour, lw=1, capsize=3, zorder=1)
             ax.scatter(row.params, row.scores[label], marker=marker, s=size, facecolors=face,
                        edgecolors="#777777" if row.published else colour, linewidths=1.4, zorder=2)
-            ax.annotate(row.name, (row.params, row.scores[label]), fontsize=6 if row.published else 7, xytext=(4, 3),
-                        textcoords="offset points", color="#777777" if row.published else "#222222")
+            names.setdefault((row.params, row.scores[label]), []).append(row)
+        for (params, score), same in names.items():
+            published = all(r.published for r in same)
+            ax.annotate(", ".join(r.name for r in same), (params, score), fontsize=6 if published else 7,
+                        xytext=(4, 3), textcoords="offset points", color="#777777" if published else "#222222")
         if label in CHANCE:
             ax.axhline(CHANCE[label], color="#aa3333", lw=0.9, ls="--", zorder=0)
             ax.annotate("chance", (0.01, CHANCE[label]), xycoords=("axes fraction", "data"), xytext=(0, 2),

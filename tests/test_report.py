@@ -216,3 +216,13 @@ def test_existing_output_is_refused(results, tmp_path):
         write_report(results, out)
     write_report(results, out, overwrite=True)
     assert (out / "leaderboard.html").is_file()
+
+
+def test_models_on_the_same_spot_share_one_label_in_the_accuracy_plot():
+    from minitron.report_plots import plot_accuracy_vs_params
+
+    # The quickstart's case: pruned and distilled students, same size, the same MMLU score.
+    rows = [_row("pruned", {"MMLU": 23.75}, {"MMLU": 4.86}), _row("distilled", {"MMLU": 23.75}, {"MMLU": 4.86}),
+            _row("other", {"MMLU": 30.0}, {"MMLU": 4.0})]
+    svg = plot_accuracy_vs_params(rows)
+    assert svg.count("pruned, distilled") == 1 and ">other<" in svg.replace(" ", "")
