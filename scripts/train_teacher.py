@@ -340,11 +340,7 @@ def run(args: argparse.Namespace) -> dict:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    state = load_checkpoint(work, model, optimizer, config_fingerprint(args))
-    if state is not None:
-        console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
-    else:
-        state = new_state(args.steps, config_fingerprint(args))
+    state = start_or_resume(work, model, optimizer, config_fingerprint(args), args.steps)
     train_steps(model, optimizer, state, data, schedule=args, work=work, eval_every=args.eval_every,
                 minutes=args.minutes)
 
@@ -365,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
         "data_sha256": {p.name: sha256(p) for p in (args.train, args.valid)},
     }
     return finish(model, tokenizer, summary, args, data.valid, out=args.out, overwrite=args.overwrite,
-                  test_articles=args.test_articles, started=started)
+                  started=started)
 
 
 class TrainData:
@@ -400,7 +396,13 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     )
 
 
-def new_state(total: int | None, fingerprint: dict) -> dict:
+def start_or_resume(work: Path, model, optimizer, fingerprint: dict, total: int | None) -> dict:
+    """The run's state: from the checkpoint in ``work`` (weights and moments loaded into ``model`` and
+    ``optimizer``) when one of the same settings is there, else a new run of ``total`` steps."""
+    state = load_checkpoint(work, model, optimizer, fingerprint)
+    if state is not None:
+        console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
+        return state
     return {"step": 0, "total": total, "train_seconds": 0.0, "first_loss": None, "history": [], "config": fingerprint}
 
 
@@ -454,14 +456,14 @@ def train_steps(model, optimizer, state: dict, data: TrainData, *, schedule: arg
 
 
 def finish(model, tokenizer, summary: dict, args: argparse.Namespace, valid: list[dict], *, out: Path,
-           overwrite: bool, test_articles: int | None, started: float, tokenizer_from: Path | None = None) -> dict:
+           overwrite: bool, started: float, tokenizer_from: Path | None = None) -> dict:
     """Score exactly what ships (the weights rounded to --save-dtype, computed in float32 on the CPU) and
     write checkpoint, tokenizer, training.json and card into ``out``, all or nothing. ``args`` are the
     settings of the run that made the teacher (the card describes its shape and first schedule)."""
     shipped = getattr(torch, args.save_dtype)
     model = model.to(shipped).float().eval()
     summary["weights_dtype"] = args.save_dtype
-    summary.update(perplexities(model, tokenizer, valid, args.raw_test, test_articles))
+    summary.update(perplexities(model, tokenizer, valid, args.raw_test, args.test_articles))
     summary["wall_minutes_this_process"] = round((time.time() - started) / 60, 1)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.to(shipped).save_pretrained(tmp)
@@ -505,11 +507,7 @@ def continue_training(args: argparse.Namespace) -> dict:
     fingerprint = {"from": sha256(args.source / "model.safetensors"), **config_fingerprint(args)}
     # One folder per starting point: the stages of a teacher, run one after the other, never meet each other's.
     work = args.work or REPO / "runs" / f"teacher-continue-{fingerprint['from'][:12]}"
-    state = load_checkpoint(work, model, optimizer, fingerprint)
-    if state is not None:
-        console.log(f"resuming from {work / 'last'} at step {state['step']} of {state['total']}")
-    else:
-        state = new_state(args.steps, fingerprint)
+    state = start_or_resume(work, model, optimizer, fingerprint, args.steps)
     offset = base["steps"]
     train_steps(model, optimizer, state, data, schedule=args, work=work, eval_every=args.eval_every, offset=offset)
 
@@ -536,7 +534,7 @@ def continue_training(args: argparse.Namespace) -> dict:
         "continued": base.get("continued", []) + [stage],
     }
     return finish(model, tokenizer, summary, original, data.valid, out=args.out, overwrite=args.overwrite,
-                  test_articles=original.test_articles, started=started, tokenizer_from=args.source)
+                  started=started, tokenizer_from=args.source)
 
 
 def perplexities(model, tokenizer, valid: list[dict], raw_test: Path, test_articles: int | None) -> dict:
@@ -653,19 +651,24 @@ def load_note(s: dict) -> str:
     return f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
 
 
+def stage_steps(stage: dict) -> str:
+    """``steps 2,001–4,000``: the steps a continuation stage took."""
+    return f"steps {stage['first_step']:,}–{stage['first_step'] + stage['steps'] - 1:,}"
+
+
 def machine_note(s: dict) -> str:
     """The machine of the first run, and of each continuation where it differed."""
     stages = s.get("continued", [])
     if all(c["machine"] == s["machine"] for c in stages):
         return s["machine"] + (", every stage" if stages else "")
-    return "; ".join([s["machine"], *(f"steps {c['first_step']:,}–{c['first_step'] + c['steps'] - 1:,}: "
+    return "; ".join([s["machine"], *(f"{stage_steps(c)}: "
                                       f"{c['machine']}" for c in stages)])
 
 
 def schedule_note(args: argparse.Namespace, s: dict) -> str:
     """The learning-rate schedule of the first run and of every continuation after it."""
     first = f"linear warm-up {args.warmup} steps to {args.lr:g}, cosine to {args.lr * args.min_lr_ratio:g}"
-    later = [f"steps {c['first_step']:,}–{c['first_step'] + c['steps'] - 1:,}: fresh AdamW moments, re-warm-up "
+    later = [f"{stage_steps(c)}: fresh AdamW moments, re-warm-up "
              f"{c['warmup']} steps to {c['lr']:g}, cosine to {c['lr'] * c['min_lr_ratio']:g}"
              for c in s.get("continued", [])]
     return "; then ".join([(f"steps 1–{s['continued'][0]['first_step'] - 1:,}: " if later else "") + first, *later])
@@ -679,6 +682,7 @@ def plateau_note(s: dict) -> str:
         return ""
     (a, b, c) = history[-3:]
     first = history[0]
+
     def fell(x: float, y: float) -> str:  # rounded first, so that a change below 0.0005 reads 0.000, not -0.000
         return f"{round(x - y, 3) + 0.0:.3f}"
 
@@ -688,7 +692,7 @@ def plateau_note(s: dict) -> str:
             f"(steps {b['step']}–{c['step']}) nats.")
     ends = [st["valid_loss_from"] for st in stages[1:]] + [s["valid"]["loss"]] if "valid" in s else []
     for st, end in zip(stages, ends):
-        note += (f" Continuing for steps {st['first_step']:,}–{st['first_step'] + st['steps'] - 1:,} took the loss on "
+        note += (f" Continuing for {stage_steps(st)} took the loss on "
                  f"the whole valid split from {st['valid_loss_from']:.4f} to {end:.4f} "
                  f"({end - st['valid_loss_from']:+.4f} nats, {(end - st['valid_loss_from']) * 1000 / st['steps']:+.4f} "
                  f"per 1,000 steps).")
