@@ -377,8 +377,9 @@ def _agg_name(batch: str, seq: str) -> str:
 PARTS = ("importance", "depth", "retraining", "search")  # independent; "depth" also compares width with depth
 
 
-def run_part(part: str, teacher: str | Path | None, text: str | Path | None, s: Settings, show: bool = True):
-    """One part of the study in a Lab of its own, so that parts can run in separate processes (``--workers``).
+def run_part(part: str, teacher: Path, shape: Any, blocks, s: Settings, show: bool = True):
+    """One part of the study in a Lab of its own, so that parts can run in separate processes (``--workers``):
+    the teacher checkpoint ``teacher`` of ``shape``, the token blocks of :func:`study_blocks`.
 
     Returns the part's results and its cost (training steps, CPU seconds of this process)."""
     from rich.progress import Progress
@@ -390,10 +391,7 @@ def run_part(part: str, teacher: str | Path | None, text: str | Path | None, s: 
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    train_docs, heldout_docs, _ = _documents(text)
-    path, tok, shape = _teacher(teacher)
-    blocks = study_blocks(tok, train_docs, heldout_docs, s)
-    model = _load_teacher(path)
+    model = _load_teacher(teacher)
     cpu, seeds = time.process_time(), list(range(s.seeds))
     with progress() if show else Progress(disable=True) as bar:
         lab = Lab(model, shape, blocks, s, bar)
@@ -438,12 +436,14 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
         raise UserError(f"{key} is {getattr(s, key, workers)}", where=f"--{key.replace('_', '-')}", fix="pass a positive number")
     train_docs, heldout_docs, source = _documents(text)  # before the teacher loads: a bad file fails fast
     path, tok, shape = _teacher(teacher)
-    study_blocks(tok, train_docs, heldout_docs, s)  # a text too short for these sizes, too (seconds to tokenize)
+    # Tokenized once, here: a text too short for these sizes fails before any model loads, and every part
+    # reads the same blocks.
+    blocks = study_blocks(tok, train_docs, heldout_docs, s)
     depth, width, _ = shapes(shape)
     started, load_start = time.perf_counter(), os.getloadavg()
     threads = torch.get_num_threads()
     if workers == 1:
-        parts = [run_part(part, teacher, text, s) for part in PARTS]
+        parts = [run_part(part, path, shape, blocks, s) for part in PARTS]
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -452,7 +452,8 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
         threads = max(1, threads // workers)  # no oversubscription: the parts share the cores
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            parts = list(pool.map(run_part, PARTS, [teacher] * 4, [text] * 4, [s] * 4, [False] * 4))
+            n = len(PARTS)
+            parts = list(pool.map(run_part, PARTS, [path] * n, [shape] * n, [blocks] * n, [s] * n, [False] * n))
     results = {k: v for part, _ in parts for k, v in part.items()}
     record = {
         # The bundled teacher by its place in the package, not this machine's install path.
