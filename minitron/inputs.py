@@ -196,7 +196,7 @@ def check_seq_len(config: Any, seq_len: int, where: str, whose: str = "model") -
     """Refuse blocks longer than the ``whose`` model's context: positions beyond it were never trained (and
     some rotary scalings are undefined there), so the numbers, or the training, would mean nothing."""
     context = config_field(config, "max_position_embeddings")
-    if isinstance(context, int) and seq_len > context:
+    if context is not None and seq_len > context:
         raise UserError(f"{seq_len} tokens is more than the {whose}'s context of {context}", where=where,
                         fix=f"use at most {context}")  # fmt: skip
 
