@@ -54,6 +54,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from transformers.utils import logging as hf_logging
 
 from minitron.artifacts import atomic_dir, atomic_file, check_output_dir, versions
+from minitron.errors import EXIT_USER_ERROR, UserError
 from minitron.report_console import progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def prepare(wikitext: Path, out: Path) -> None:
     for split in ("train", "valid"):
         src = wikitext / f"{split}.txt"
         if not src.is_file():
-            sys.exit(f"error: {src}: not found — pass --wikitext, the folder of WikiText-2 v1 train.txt / valid.txt")
+            raise UserError("not found", where=str(src), fix="pass --wikitext, the folder of WikiText-2 v1 train.txt / valid.txt")
         articles = split_articles(src.read_text(encoding="utf-8"))
         records = [
             {
@@ -167,7 +168,7 @@ def prepare(wikitext: Path, out: Path) -> None:
 
 def read_articles(path: Path) -> list[dict]:
     if not path.is_file():
-        sys.exit(f"error: {path}: not found — run `prepare` first or pass --train / --valid")
+        raise UserError("not found", where=str(path), fix="run `prepare` first or pass --train / --valid")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -309,7 +310,7 @@ def load_checkpoint(work: Path, model, optimizer, fingerprint: dict) -> dict | N
         return None
     state = json.loads((last / "state.json").read_text())
     if state["config"] != fingerprint:  # before touching weights of another shape
-        sys.exit(f"error: {last} was trained with other settings — delete it or pass another --work")
+        raise UserError("was trained with other settings", where=str(last), fix="delete it or pass another --work")
     model.load_state_dict(load_file(last / "model.safetensors"), strict=False)
     if model.config.tie_word_embeddings:
         model.tie_weights()
@@ -332,7 +333,8 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = train_tokenizer(train_texts, args.vocab)
     data = TrainData(args, tokenizer, train_texts)
     if len(data.blocks) < args.batch:
-        sys.exit(f"error: only {len(data.blocks)} train blocks for --batch {args.batch} — use more articles")
+        raise UserError(f"only {len(data.blocks)} train blocks for --batch {args.batch}", where="--max-articles",
+                        fix="use more articles")
 
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(teacher_config(args, tokenizer))
@@ -429,7 +431,7 @@ def train_steps(model, optimizer, state: dict, data: TrainData, *, schedule: arg
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             # Stop on a blow-up instead of silently training NaNs into the checkpoint.
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                sys.exit(f"error: non-finite loss or gradient at step {offset + step} — lower --lr")
+                raise UserError(f"non-finite loss or gradient at step {offset + step}", where="--lr", fix="lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -488,7 +490,7 @@ def continue_training(args: argparse.Namespace) -> dict:
     check_output_dir(args.out, args.overwrite)  # before any expensive work
     base_json = args.source / "training.json"
     if not base_json.is_file():
-        sys.exit(f"error: {base_json}: not found — --from must be a teacher written by `train` or `continue`")
+        raise UserError("not found", where=str(base_json), fix="--from must be a teacher written by `train` or `continue`")
     base = json.loads(base_json.read_text())
     original = parse_args(shlex.split(base["command"])[2:])  # the settings the teacher was first trained with
     hf_logging.disable_progress_bar()
@@ -497,8 +499,8 @@ def continue_training(args: argparse.Namespace) -> dict:
     load_at_start = os.getloadavg()[0]
     changed = [p.name for p in (original.train, original.valid) if sha256(p) != base["data_sha256"].get(p.name)]
     if changed:
-        sys.exit(f"error: {', '.join(changed)} differ from the text {args.source} was trained on — "
-                 "restore the shipped data files")
+        raise UserError(f"{', '.join(changed)} differ from the text {args.source} was trained on",
+                        where=str(original.train.parent), fix="restore the shipped data files")
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.source)
     model = LlamaForCausalLM.from_pretrained(args.source, dtype=torch.float32)
@@ -825,4 +827,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # as the minitron CLI reports one: a line on stderr, exit code 2, no traceback
+        print(f"error: {e.line()}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -9,14 +9,18 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import assert_user_error
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minitron import assets
+from minitron.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -213,10 +217,13 @@ def test_script_same_seed_same_run_and_resume_equals_uninterrupted(tmp_path, mon
 
 def test_script_refuses_existing_output_before_work(tmp_path):
     (tmp_path / "a").mkdir()
-    from minitron.errors import UserError
-
     with pytest.raises(UserError, match="already exists"):
         _script().main(_tiny_args(tmp_path, "a"))
+    assert not (tmp_path / "a-work").exists()
+    # Run as a command, a user error is one line on stderr and exit code 2, as from the minitron CLI.
+    ran = subprocess.run([sys.executable, str(REPO / "scripts" / "train_teacher.py"), *_tiny_args(tmp_path, "a")],
+                         capture_output=True, text=True, timeout=300)
+    assert_user_error(ran, "already exists", "--overwrite")
     assert not (tmp_path / "a-work").exists()
 
 
@@ -271,6 +278,6 @@ def test_script_continue_reads_on_in_data_order_adds_up_the_stages_and_resumes(t
 
 def test_script_continue_refuses_a_folder_that_is_not_a_trained_teacher(tmp_path):
     (tmp_path / "plain").mkdir()
-    with pytest.raises(SystemExit, match="training.json: not found"):
+    with pytest.raises(UserError, match="training.json: not found"):
         _script().main(_continue_args(tmp_path, "plain", "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-work").exists()
