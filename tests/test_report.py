@@ -226,3 +226,13 @@ def test_models_on_the_same_spot_share_one_label_in_the_accuracy_plot():
             _row("other", {"MMLU": 30.0}, {"MMLU": 4.0})]
     svg = plot_accuracy_vs_params(rows)
     assert svg.count("pruned, distilled") == 1 and ">other<" in svg.replace(" ", "")
+
+
+def test_chance_is_named_in_the_legend_not_on_the_points():
+    from minitron.report_plots import plot_accuracy_vs_params
+
+    # GSM8K's chance is 0 %, where small students land: a "chance" label drawn at the axis' edge sat on their point.
+    rows = [_row("teacher", {"GSM8K": 0.0, "MMLU": 30.0}, {"GSM8K": 0.0, "MMLU": 4.0}),
+            _row("student", {"GSM8K": 0.0, "MMLU": 25.0}, {"GSM8K": 0.0, "MMLU": 4.0})]
+    svg = plot_accuracy_vs_params(rows)
+    assert svg.count("chance") == 1 and "chance level" in svg  # once, for both panels, in the figure's legend
