@@ -648,9 +648,14 @@ def machine(threads: int) -> str:
 
 
 def load_note(s: dict) -> str:
-    """The machine's load while training, where the run recorded it (a busy machine makes each step slower)."""
-    load = s.get("load_average")
-    return f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
+    """The machine's load while training, where the run recorded it (a busy machine makes each step slower):
+    the first run's, then each continuation's."""
+    stages = s.get("continued", [])
+    first = f"steps 1–{stages[0]['first_step'] - 1:,}: " if stages else ""
+    runs = [(first, s)] + [(f"{stage_steps(c)}: ", c) for c in stages]
+    notes = [f"{head}{load[0]:.1f} at the start, {load[1]:.1f} at the end"
+             for head, load in ((head, run.get("load_average")) for head, run in runs) if load]
+    return f"; load average {'; '.join(notes)}" if notes else ""
 
 
 def stage_steps(stage: dict) -> str:

@@ -257,6 +257,7 @@ def test_script_continue_reads_on_in_data_order_adds_up_the_stages_and_resumes(t
     card = (tmp_path / "b" / "README.md").read_text()
     assert a["command"] in card and stage["command"] in card and "re-warm-up 1 steps to 0.0005" in card
     assert stage["valid_loss_from"] == a["valid"]["loss"] and "Continuing for steps 5–8 took the loss" in card
+    assert "load average steps 1–4: " in card and f"steps 5–8: {stage['load_average'][0]:.1f} at the start" in card
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert not all(torch.equal(wa[k], v) for k, v in wb.items())  # it trained
     assert b["valid"]["loss"] != a["valid"]["loss"]  # and was scored again
