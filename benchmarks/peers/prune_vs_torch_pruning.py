@@ -19,7 +19,8 @@ For each teacher (the bundled one, and any other Llama checkpoint given with ``-
    what minitron's ``--target 0.5x`` wrote, among ratios whose hidden size transformers accepts (Llama in
    transformers 5 refuses a hidden size that is not a multiple of the head count);
 3. ``minitron prune`` with the exact shape torch-pruning produced (``--hidden-size --ffn-size`` and, for
-   ``heads``, ``--heads --kv-heads``), from the same scores: the equal-count comparison;
+   ``heads``, ``--heads --kv-heads``), from the same scores: the equal-count comparison; with ``--seq-agg l2``
+   also from scores aggregated by L2 over each sequence (``minitron importance --seq-agg l2``);
 4. every output is loaded with stock ``AutoModelForCausalLM`` (float32, no remote code) and scored on
    WikiText-2 *valid* blocks (text no stage here reads), then distilled with ``minitron distill`` from its
    teacher with one recipe (same steps, data, batch, learning rate, seed) and scored again.
@@ -31,7 +32,7 @@ teacher trained first (tied embeddings, 8 query / 4 KV heads):
     python scripts/train_teacher.py train --seed 0 --steps 600 --threads 2 --hidden 256 --layers 6 --heads 8 \
         --kv-heads 4 --ffn 640 --tie-embeddings --valid-articles 20 --test-articles 10 --out ../teacher-tied
     PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher minitron/assets/teacher \
-        --limit ffn=0.6 --name peers_prune_bundled
+        --limit ffn=0.6 --seq-agg l2 --name peers_prune_bundled
     PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher ../teacher-tied \
         --limit ffn=0.6 --variants "keep heads" --name peers_prune_tied
 
@@ -260,6 +261,18 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
             }
         except RuntimeError as e:
             rows[f"minitron, torch-pruning's {variant} shape"] = {"tool": "minitron", "error": str(e)[-300:]}
+        for agg in args.seq_agg or ():
+            # The same shape from scores aggregated otherwise over each sequence (minitron's default is the
+            # paper's mean; docs/study finds L2 lower right after pruning on the bundled teacher).
+            other = work / f"scores-seq-{agg}.safetensors"
+            if not other.is_file():
+                common.minitron_cli("importance", str(teacher), *data, "--seq-agg", agg, "-o", str(other), log=log)
+            twin = work / f"minitron-seq-{agg}-shape-of-torch-pruning-{variant.replace(' ', '-')}"
+            started = time.perf_counter()
+            _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(other), "-o", str(twin), log=log)
+            rows[f"minitron importance --seq-agg {agg}, torch-pruning's {variant} shape"] = {
+                "tool": "minitron", "path": twin, "prune_s": time.perf_counter() - started, "flags": " ".join(flags),
+            }
 
     for name, row in rows.items():
         path = row.pop("path", None)
@@ -352,6 +365,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="distillation peak learning rate")
     parser.add_argument("--limit", action="append", help="also run minitron's search with this --limit (repeatable)")
     parser.add_argument("--variants", default="keep heads,heads", help="torch-pruning settings to run")
+    parser.add_argument("--seq-agg", action="append", choices=["l2", "var"],
+                        help="also prune torch-pruning's shape from importance with this sequence aggregation")
     parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
     parser.add_argument("--name", default="peers_prune", help="results file stem")
     args = parser.parse_args()
