@@ -12,17 +12,21 @@ from transformers import LlamaConfig
 def load_note(s: dict) -> str:
     """The machine's load while training, where the run recorded it (a busy machine makes each step slower):
     the first run's, then each continuation's."""
-    stages = s.get("continued", [])
-    first = f"steps 1–{stages[0]['first_step'] - 1:,}: " if stages else ""
-    runs = [(first, s)] + [(f"{stage_steps(c)}: ", c) for c in stages]
-    notes = [f"{head}{load[0]:.1f} at the start, {load[1]:.1f} at the end"
-             for head, load in ((head, run.get("load_average")) for head, run in runs) if load]
+    runs = [(first_run_steps(s), s)] + [(f"{stage_steps(c)}: ", c) for c in s.get("continued", [])]
+    notes = [f"{head}{run['load_average'][0]:.1f} at the start, {run['load_average'][1]:.1f} at the end"
+             for head, run in runs if run.get("load_average")]
     return f"; load average {'; '.join(notes)}" if notes else ""
 
 
 def stage_steps(stage: dict) -> str:
     """``steps 2,001–4,000``: the steps a continuation stage took."""
     return f"steps {stage['first_step']:,}–{stage['first_step'] + stage['steps'] - 1:,}"
+
+
+def first_run_steps(s: dict) -> str:
+    """``steps 1–2,000: `` before the first run's note when continuations follow it; nothing otherwise."""
+    stages = s.get("continued", [])
+    return f"steps 1–{stages[0]['first_step'] - 1:,}: " if stages else ""
 
 
 def machine_note(s: dict) -> str:
@@ -40,7 +44,7 @@ def schedule_note(args: argparse.Namespace, s: dict) -> str:
     later = [f"{stage_steps(c)}: fresh AdamW moments, re-warm-up "
              f"{c['warmup']} steps to {c['lr']:g}, cosine to {c['lr'] * c['min_lr_ratio']:g}"
              for c in s.get("continued", [])]
-    return "; then ".join([(f"steps 1–{s['continued'][0]['first_step'] - 1:,}: " if later else "") + first, *later])
+    return "; then ".join([first_run_steps(s) + first, *later])
 
 
 def plateau_note(s: dict) -> str:
