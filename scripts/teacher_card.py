@@ -30,12 +30,18 @@ def first_run_steps(s: dict) -> str:
 
 
 def machine_note(s: dict) -> str:
-    """The machine of the first run, and of each continuation where it differed."""
+    """The machine of every stage, consecutive stages on the same kind of machine named once."""
     stages = s.get("continued", [])
     if all(c["machine"] == s["machine"] for c in stages):
         return s["machine"] + (", every stage" if stages else "")
-    return "; ".join([s["machine"], *(f"{stage_steps(c)}: "
-                                      f"{c['machine']}" for c in stages)])
+    runs = [(1, s["machine"])] + [(c["first_step"], c["machine"]) for c in stages]
+    groups: list[list] = []  # [first step, last step, machine]
+    for (first, name), (after, _) in zip(runs, runs[1:] + [(s["steps"] + 1, None)]):
+        if groups and groups[-1][2] == name:
+            groups[-1][1] = after - 1
+        else:
+            groups.append([first, after - 1, name])
+    return "; ".join(f"steps {a:,}–{b:,}: {name}" for a, b, name in groups)
 
 
 def schedule_note(args: argparse.Namespace, s: dict) -> str:
@@ -68,8 +74,36 @@ def plateau_note(s: dict) -> str:
         note += (f" Continuing for {stage_steps(st)} took the loss on "
                  f"the whole valid split from {st['valid_loss_from']:.4f} to {end:.4f} "
                  f"({end - st['valid_loss_from']:+.4f} nats, {(end - st['valid_loss_from']) * 1000 / st['steps']:+.4f} "
-                 f"per 1,000 steps).")
-    return note
+                 f"per 1,000 steps)" + raw_test_change(st, s) + ".")
+    return note + fit_note(s)
+
+
+def raw_test_change(stage: dict, s: dict) -> str:
+    """``; on the raw test split from … to …`` where the stage recorded where that split started."""
+    start = stage.get("raw_test_loss_from")
+    later = [c.get("raw_test_loss_from") for c in s["continued"][s["continued"].index(stage) + 1:]]
+    end = later[0] if later else s.get("wikitext_raw_test", {}).get("loss")
+    if start is None or end is None:
+        return ""
+    return f"; on the raw test split from {start:.4f} to {end:.4f} ({(end - start) * 1000 / stage['steps']:+.4f} per 1,000 steps)"
+
+
+def fit_note(s: dict) -> str:
+    """Training-batch loss against the valid blocks' loss over the last 1,000 steps of each stage: when
+    the training text scores lower than held-out text, further passes over it mostly memorise it."""
+    ends = [c["first_step"] - 1 for c in s.get("continued", [])] + [s["steps"]]
+    gaps = []
+    for end in ends:
+        window = [h for h in s["history"] if end - 1000 < h["step"] <= end]
+        if window:
+            train = sum(h["train_loss"] for h in window) / len(window)
+            valid = sum(h["valid_loss"] for h in window) / len(window)
+            gaps.append(f"{train - valid:+.3f} at step {end:,}")
+    if len(gaps) < 2:
+        return ""
+    return (" Mean training-batch loss minus mean valid loss (the table's two columns) over the last 1,000 "
+            f"steps of each stage: {', '.join(gaps)}. A gap that falls while the valid loss stalls is the "
+            "model fitting its own training text rather than text in general.")
 
 
 def model_card(config: LlamaConfig, args: argparse.Namespace, s: dict, *, eos: str, pad: str) -> str:
@@ -171,8 +205,8 @@ Loss on the first 32 packed valid blocks during training:
 {chr(10).join([s['command'], *(c['command'] for c in s.get('continued', []))])}
 ```
 
-{"These commands, run in order on" if s.get('continued') else "Same seed, same steps,"} the same number of CPU threads and the same library
-versions{"," if s.get('continued') else ""} give the same weights; a run stopped midway resumes from its checkpoint in
+{"These commands, run in order on" if s.get('continued') else "Same seed, same steps,"} the same kind of CPU with the same number of threads
+(each stage's is under *machine* above) and the same library versions{"," if s.get('continued') else ""} give the same weights; a run stopped midway resumes from its checkpoint in
 `runs/teacher-seed{s['seed']}/` (`runs/teacher-continue-<sha256 of the starting weights>/` for `continue`) when
 started again.
 

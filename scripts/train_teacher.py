@@ -521,6 +521,7 @@ def continue_training(args: argparse.Namespace) -> dict:
         "from_sha256": fingerprint["from"],
         "first_step": offset + 1,
         "valid_loss_from": base["valid"]["loss"],  # the whole valid split, before this stage
+        "raw_test_loss_from": base.get("wikitext_raw_test", {}).get("loss"),  # WikiText-2 raw test, likewise
         "steps": state["total"],
         "lr": args.lr, "warmup": args.warmup, "min_lr_ratio": args.min_lr_ratio,
         "train_minutes": round(state["train_seconds"] / 60, 1),

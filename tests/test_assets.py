@@ -257,6 +257,7 @@ def test_script_continue_reads_on_in_data_order_adds_up_the_stages_and_resumes(t
     card = (tmp_path / "b" / "README.md").read_text()
     assert a["command"] in card and stage["command"] in card and "re-warm-up 1 steps to 0.0005" in card
     assert stage["valid_loss_from"] == a["valid"]["loss"] and "Continuing for steps 5–8 took the loss" in card
+    assert stage["raw_test_loss_from"] == a.get("wikitext_raw_test", {}).get("loss")
     assert "load average steps 1–4: " in card and f"steps 5–8: {stage['load_average'][0]:.1f} at the start" in card
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert not all(torch.equal(wa[k], v) for k, v in wb.items())  # it trained
@@ -282,3 +283,41 @@ def test_script_continue_refuses_a_folder_that_is_not_a_trained_teacher(tmp_path
     with pytest.raises(UserError, match="training.json: not found"):
         _script().main(_continue_args(tmp_path, "plain", "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-work").exists()
+
+
+def _card_module():
+    spec = importlib.util.spec_from_file_location("teacher_card", REPO / "scripts" / "teacher_card.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _staged_summary() -> dict:
+    """A teacher trained 2,000 steps, then continued 1,000 on the same machine and 1,000 on another, the
+    training batches' loss falling below the valid loss in the last stage."""
+    history = [{"step": k, "train_loss": 4.0 if k <= 3000 else 3.0, "valid_loss": 3.8 if k <= 3000 else 3.5}
+               for k in range(500, 4001, 500)]
+    stage = {"first_step": 2001, "steps": 1000, "machine": "cpu A", "valid_loss_from": 4.0, "raw_test_loss_from": 4.6}
+    later = {"first_step": 3001, "steps": 1000, "machine": "cpu B", "valid_loss_from": 3.9, "raw_test_loss_from": 4.5}
+    return {"steps": 4000, "machine": "cpu A", "history": history, "continued": [stage, later],
+            "valid": {"loss": 3.85}, "wikitext_raw_test": {"loss": 4.48}}
+
+
+def test_teacher_card_names_each_machine_once_per_run_of_stages():
+    card = _card_module()
+    s = _staged_summary()
+    assert card.machine_note(s) == "steps 1–3,000: cpu A; steps 3,001–4,000: cpu B"
+    s["continued"][1]["machine"] = "cpu A"
+    assert card.machine_note(s) == "cpu A, every stage"
+
+
+def test_teacher_card_gives_each_stage_its_raw_test_change_and_the_train_valid_gap():
+    card = _card_module()
+    note = card.plateau_note(_staged_summary())
+    # Stage 2,001–3,000 ended where the next one started (4.6 → 4.5); the last ended at the summary's score.
+    assert "from 4.0000 to 3.9000" in note and "raw test split from 4.6000 to 4.5000 (-0.1000 per 1,000 steps)" in note
+    assert "raw test split from 4.5000 to 4.4800 (-0.0200 per 1,000 steps)" in note
+    assert "+0.200 at step 2,000, +0.200 at step 3,000, -0.500 at step 4,000" in note
+    s = _staged_summary()
+    del s["continued"][0]["raw_test_loss_from"]  # a stage from before the raw test was recorded
+    assert note.count("raw test split") == 2 and card.plateau_note(s).count("raw test split") == 1
