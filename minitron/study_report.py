@@ -168,7 +168,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"{record['shapes']['width']['hidden']}, MLP {record['shapes']['width']['ffn']} ({record['shapes']['width_params']:,} "
         f"parameters); depth student: {record['shapes']['depth']['layers']} layers ({record['shapes']['depth_params']:,}). "
         f"Distillation: forward KL on logits, AdamW at a constant {s['lr']}, batch {s['batch']} × {s['seq_len']} tokens; "
-        f"seeds {', '.join(map(str, record['seeds']))}. Training text: {record['train_blocks']:,} blocks from the train "
+        f"seeds {', '.join(map(str, record['seeds']))}. Importance calibration: {s['calib']} blocks of {s['seq_len']} tokens "
+        f"from the train documents. Training text: {record['train_blocks']:,} blocks from the train "
         f"documents{' (no run reads one twice)' if record['train_blocks'] >= record['longest_run_blocks'] else ', repeated by the longer runs'}.",
         "",
         f"Ran in {record['timing']['total_s'] / 60:.1f} min wall, {record['timing'].get('cpu_s', 0) / 60:.1f} min of CPU "
