@@ -5,6 +5,7 @@ scores, and the commands that rebuild the exact weights."""
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from transformers import LlamaConfig
 
@@ -34,14 +35,10 @@ def machine_note(s: dict) -> str:
     stages = s.get("continued", [])
     if all(c["machine"] == s["machine"] for c in stages):
         return s["machine"] + (", every stage" if stages else "")
-    runs = [(1, s["machine"])] + [(c["first_step"], c["machine"]) for c in stages]
-    groups: list[list] = []  # [first step, last step, machine]
-    for (first, name), (after, _) in zip(runs, runs[1:] + [(s["steps"] + 1, None)]):
-        if groups and groups[-1][2] == name:
-            groups[-1][1] = after - 1
-        else:
-            groups.append([first, after - 1, name])
-    return "; ".join(f"steps {a:,}–{b:,}: {name}" for a, b, name in groups)
+    spans = [(1, stages[0]["first_step"] - 1, s["machine"])] + [
+        (c["first_step"], c["first_step"] + c["steps"] - 1, c["machine"]) for c in stages]
+    groups = [list(g) for _, g in itertools.groupby(spans, key=lambda span: span[2])]
+    return "; ".join(f"steps {g[0][0]:,}–{g[-1][1]:,}: {g[0][2]}" for g in groups)
 
 
 def schedule_note(args: argparse.Namespace, s: dict) -> str:
@@ -70,22 +67,18 @@ def plateau_note(s: dict) -> str:
             f"(steps {a['step']}–{b['step']}) and {fell(b['valid_loss'], c['valid_loss'])} "
             f"(steps {b['step']}–{c['step']}) nats.")
     ends = [st["valid_loss_from"] for st in stages[1:]] + [s["valid"]["loss"]] if "valid" in s else []
-    for st, end in zip(stages, ends):
+    # Where each stage left the raw test split: where the next one started it, the last at the final score.
+    raw_ends = [st.get("raw_test_loss_from") for st in stages[1:]] + [s.get("wikitext_raw_test", {}).get("loss")]
+    for st, end, raw_end in zip(stages, ends, raw_ends):
         note += (f" Continuing for {stage_steps(st)} took the loss on "
                  f"the whole valid split from {st['valid_loss_from']:.4f} to {end:.4f} "
                  f"({end - st['valid_loss_from']:+.4f} nats, {(end - st['valid_loss_from']) * 1000 / st['steps']:+.4f} "
-                 f"per 1,000 steps)" + raw_test_change(st, s) + ".")
+                 f"per 1,000 steps)")
+        if (raw_start := st.get("raw_test_loss_from")) is not None and raw_end is not None:
+            note += (f"; on the raw test split from {raw_start:.4f} to {raw_end:.4f} "
+                     f"({(raw_end - raw_start) * 1000 / st['steps']:+.4f} per 1,000 steps)")
+        note += "."
     return note + fit_note(s)
-
-
-def raw_test_change(stage: dict, s: dict) -> str:
-    """``; on the raw test split from … to …`` where the stage recorded where that split started."""
-    start = stage.get("raw_test_loss_from")
-    later = [c.get("raw_test_loss_from") for c in s["continued"][s["continued"].index(stage) + 1:]]
-    end = later[0] if later else s.get("wikitext_raw_test", {}).get("loss")
-    if start is None or end is None:
-        return ""
-    return f"; on the raw test split from {start:.4f} to {end:.4f} ({(end - start) * 1000 / stage['steps']:+.4f} per 1,000 steps)"
 
 
 def fit_note(s: dict) -> str:
