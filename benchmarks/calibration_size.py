@@ -40,8 +40,8 @@ def measure(args) -> dict:
     path, tokenizer, shape = study._teacher(args.teacher)
     train_docs, heldout_docs, text = study._documents(None)
     s = study.Settings()
-    # The study's own held-out blocks (its calibration and training blocks are not used here).
-    blocks = study.study_blocks(tokenizer, train_docs, heldout_docs, replace(s, train=s.batch))
+    # The study's own held-out blocks (its calibration and training blocks are not used here: one of each).
+    blocks = study.study_blocks(tokenizer, train_docs, heldout_docs, replace(s, calib=1, train=1))
     model = study._load_teacher(path)
     lab = study.Lab(model, shape, blocks, s, Progress(disable=True))
     _, width, _ = study.shapes(shape)
@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=None, help="local teacher folder (default: the bundled teacher)")
     parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[32, 128, 512],
-                        help="calibration blocks, comma-separated (the study uses 32)")
+                        help="calibration blocks, comma-separated (the study used 32; it now uses 512)")
     parser.add_argument("--seeds", type=int, default=3, help="calibration samples per size")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="calibration_size")
