@@ -134,13 +134,17 @@ def study_blocks(tokenizer: Any, train_docs: list[str], heldout_docs: list[str],
     from minitron.data import token_blocks
 
     what = "the study's training text (--text, less the held-out tenth)"
-    try:
-        calib = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.calib, seed=0, what=what)
-        train = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=s.train_blocks(), seed=1, what=what)
-    except UserError as e:
-        raise UserError(f"too short for this study: {e.what}", where="--text",
-                        fix="pass more text, or fewer --retrain-steps (the scratch run reads "
-                            f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)") from None
+    # Each sample with the fix that helps it: fewer --retrain-steps shrink the training blocks, not calibration.
+    needs = ((s.train_blocks(), 1, "pass more text, or fewer --retrain-steps (the scratch run reads "
+                                   f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)"),
+             (s.calib, 0, f"pass more text (importance calibrates on {s.calib} blocks of {s.seq_len} tokens)"))
+    blocks = {}
+    for samples, seed, fix in needs:
+        try:
+            blocks[seed] = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=samples, seed=seed, what=what)
+        except UserError as e:
+            raise UserError(f"too short for this study: {e.what}", where="--text", fix=fix) from None
+    calib, train = blocks[0], blocks[1]
     heldout = token_blocks(tokenizer, heldout_docs, seq_len=s.seq_len, samples=s.heldout, seed=2,
                            what="the study's held-out text (every tenth --text document)")
     return calib, train, heldout
