@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 import machine  # benchmarks/machine.py: this folder is on sys.path when run as a script
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def measure(args) -> dict:
@@ -64,19 +60,10 @@ def measure(args) -> dict:
                 print(json.dumps(rows[-1]), flush=True)
     magnitude = pruned_loss(study.magnitude_scores(model, scores))
     return {
-        "teacher": _shown(path), "text": text, "teacher_loss": round(lab.loss(model), 4),
+        "teacher": machine.shown(path), "text": text, "teacher_loss": round(lab.loss(model), 4),
         "width": {"hidden": width.hidden, "ffn": width.ffn, "params": width.counts()["total"]},
         "seq_len": s.seq_len, "heldout_blocks": s.heldout, "magnitude": magnitude, "rows": rows,
     }
-
-
-def _shown(path: Path) -> str:
-    """The teacher's folder relative to the repository when it is inside it (the bundled one), else as given."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        return str(Path(path).resolve().relative_to(repo))
-    except ValueError:
-        return str(path)
 
 
 def summary(record: dict) -> list[dict]:
@@ -129,19 +116,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import minitron
-    import transformers
-
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = machine.load_average()
     record = measure(args)
-    record.update(machine=machine.describe(),
-                  load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()], threads=args.threads,
-                  versions={"torch": torch.__version__, "transformers": transformers.__version__,
-                            "minitron": minitron.__version__})
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(markdown(record)) + "\n")
-    print(f"wrote {RESULTS / args.name}.json and .md")
+    record.update(machine=machine.describe(), load_before=load_before, load_after=machine.load_average(),
+                  threads=args.threads, versions=machine.versions("minitron"))
+    machine.write(args.name, record, markdown)
 
 
 if __name__ == "__main__":

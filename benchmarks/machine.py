@@ -1,14 +1,24 @@
-"""The one line every benchmark's results give for the machine they were measured on.
+"""What every benchmark's results record about where they were measured, and how they are written.
 
-The benchmarks run as scripts (``python benchmarks/NAME.py``), so this folder is on ``sys.path`` and they
-import this module as ``machine``.
+The machine line (:func:`describe`), the load average around the run, the versions of the packages that
+matter, paths shown relative to the repository (so results read the same on every machine), and the
+``results/NAME.{json,md}`` pair. The benchmarks run as scripts (``python benchmarks/NAME.py``), so this
+folder is on ``sys.path`` and they import this module as ``machine``; ``benchmarks/peers/common.py`` puts
+it there for the peer comparisons.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def cpu_model() -> str:
@@ -59,3 +69,35 @@ def describe(device: str = "cpu") -> str:
         return (f"{g['name']} ({g['memory_gib']} GiB, driver {g['driver']}), CUDA {g['cuda']}, torch {g['torch']}; "
                 f"host {host}")  # fmt: skip
     return f"{host}, no GPU"
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, rounded: what else the machine was doing."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of torch, transformers and ``packages`` (distribution names); ``"missing"`` for
+    one that is not installed."""
+    found = {}
+    for name in ("torch", "transformers", *packages):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (the bundled teacher), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def write(name: str, record: dict, markdown: Callable[[dict], list[str]]) -> None:
+    """``results/NAME.json``, then ``NAME.md`` from ``markdown(record)``: the measurements are kept even if
+    rendering them fails."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(markdown(record)) + "\n")
+    print(f"wrote {RESULTS / name}.json and .md")

@@ -1,4 +1,6 @@
-"""What the peer comparisons share: paths, the machine line, held-out LM loss, a child's peak memory, results.
+"""What the peer comparisons share: running minitron as a child (with its peak memory), held-out LM loss, stock
+loading. The machine line, load, versions and results files are ``benchmarks/machine.py``'s, as for every
+benchmark.
 
 The scripts in this folder run as ``python benchmarks/peers/NAME.py``; importing this module puts the
 repository root (for ``minitron``) and ``benchmarks/`` (for ``machine``) on ``sys.path``.
@@ -12,34 +14,15 @@ import os
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-RESULTS = HERE.parent / "results"
 for _path in (str(ROOT), str(HERE.parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import machine  # noqa: E402  (benchmarks/machine.py, importable once the path above is set)
-
 VALID = ROOT / "minitron" / "assets" / "data" / "wikitext-2" / "valid.jsonl.gz"
-
-
-def versions(*packages: str) -> dict[str, str]:
-    """Installed versions of ``packages`` (distribution names), ``"missing"`` for those not installed."""
-    found = {}
-    for name in ("torch", "transformers", *packages):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "missing"
-    return found
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def child_env() -> dict[str, str]:
@@ -131,12 +114,3 @@ def load_stock(path: Path):
 def count_params(model) -> int:
     """Distinct parameters (a tied head counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def write(name: str, record: dict, markdown) -> None:
-    """``benchmarks/results/NAME.json``, then ``NAME.md`` from ``markdown(record)``: the measurements are kept
-    even if rendering them fails."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text("\n".join(markdown(record)) + "\n")
-    print(f"wrote {RESULTS / name}.json and .md")

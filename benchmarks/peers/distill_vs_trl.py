@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import common
+import machine  # benchmarks/machine.py, on sys.path once common is imported
 
 # hidden, ffn, layers, heads, kv_heads (head_dim 32)
 TEACHER = "256,768,4,8,2"
@@ -266,7 +267,7 @@ def main() -> None:
     os.environ["MINITRON_CACHE"] = str(args.work or tempfile.mkdtemp(prefix="peers-distill-cache-"))
     work = args.work or Path(tempfile.mkdtemp(prefix="peers-distill-"))
     fixture = build_fixture(work, args)
-    load_before = common.load_average()
+    load_before = machine.load_average()
     runs = []
     for rep in range(args.repeats):
         order = ("minitron", "trl") if rep % 2 == 0 else ("trl", "minitron")
@@ -277,16 +278,16 @@ def main() -> None:
             runs.append(result)
             print(json.dumps({k: result[k] for k in ("tool", "repeat", "tokens_per_s", "peak_rss_mib", "loss")}), flush=True)
     record = {
-        "machine": common.machine.describe("cpu"),
+        "machine": machine.describe("cpu"),
         "load_average_before": load_before,
-        "load_average_after": common.load_average(),
-        "versions": common.versions("trl", "minitron"),
+        "load_average_after": machine.load_average(),
+        "versions": machine.versions("trl", "minitron"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "fixture")},
         "threads": os.environ.get("OMP_NUM_THREADS") or args.threads or "torch default",
         "summary": {tool: summarise([r for r in runs if r["tool"] == tool], args) for tool in ("minitron", "trl")},
         "runs": runs,
     }
-    common.write(args.name, record, lambda r: markdown(r, args))
+    machine.write(args.name, record, lambda r: markdown(r, args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ For each teacher (the bundled one, and any other Llama checkpoint given with ``-
    WikiText-2 *valid* blocks (text no stage here reads), then distilled with ``minitron distill`` from its
    teacher with one recipe (same steps, data, batch, learning rate, seed) and scored again.
 
-Run by hand, never as a test (about 15 minutes per teacher on 2 CPU cores). The committed results, the second
+Run by hand, never as a test (about 12 minutes per teacher on 2 CPU cores). The committed results, the second
 teacher trained first (tied embeddings, 8 query / 4 KV heads):
 
     pip install -e '.[peers]'
@@ -34,10 +34,14 @@ teacher trained first (tied embeddings, 8 query / 4 KV heads):
     PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher minitron/assets/teacher \
         --limit ffn=0.6 --seq-agg l2 --name peers_prune_bundled
     PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher ../teacher-tied \
-        --limit ffn=0.6 --variants "keep heads" --name peers_prune_tied
+        --limit ffn=0.6 --seq-agg l2 --variants "keep heads" --name peers_prune_tied
 
 (``--variants "keep heads"`` there: torch-pruning's head pruning had not finished on that teacher after 18
-minutes.) ``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds.
+minutes; on the bundled one it fails at once.) Importance calibrates on ``minitron importance``'s
+default 1,024 blocks (``--samples``); with the 64 these results used before, minitron's losses right after
+pruning moved by up to 0.15 nats (``benchmarks/results/calibration_size.md`` measures that spread). ``--work DIR`` keeps the
+checkpoints, and a run stopped midway resumes from what DIR holds. ``embedding_ranking.py`` follows up on
+the one point where torch-pruning comes out ahead.
 
 Results: ``benchmarks/results/NAME.{json,md}`` (``--name``, default ``peers_prune``).
 """
@@ -54,6 +58,7 @@ import time
 from pathlib import Path
 
 import common
+import machine  # benchmarks/machine.py, on sys.path once common is imported
 import yaml
 
 SEQ_LEN = 256
@@ -178,9 +183,12 @@ def distill(teacher: Path, student: Path, run: Path, text: Path, args) -> Path:
     return run / "final"
 
 
-def _unless_done(out: Path, *args: str, log: Path) -> None:
-    if not (out / "config.json").is_file():
-        common.minitron_cli(*args, log=log)
+def _unless_done(out: Path, *args: str, log: Path) -> float | None:
+    """``minitron ARGS`` unless ``out`` holds what an earlier run of this script wrote there: the wall seconds
+    it took, or ``None`` when it was reused (and so not timed)."""
+    if (out / "config.json").is_file():
+        return None
+    return common.minitron_cli(*args, log=log)["wall_s"]
 
 
 def _tp_done(out: Path, ratio: float) -> dict | None:
@@ -205,21 +213,19 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
     scores = work / "scores.safetensors"
     log = work / "minitron.log"
     data = ["--calib", str(text), "--samples", str(args.samples), "--seq-len", str(SEQ_LEN), "--batch-size", "8"]
-    started = time.perf_counter()
+    importance_s = None
     if not scores.is_file():
-        common.minitron_cli("importance", str(teacher), *data, "-o", str(scores), log=log)
-    importance_s = time.perf_counter() - started
+        importance_s = common.minitron_cli("importance", str(teacher), *data, "-o", str(scores), log=log)["wall_s"]
 
     rows: dict[str, dict] = {}
     out = work / "minitron-0.5x"
-    started = time.perf_counter()
-    _unless_done(
+    seconds = _unless_done(
         out, "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--scores", str(scores), *data,
         "--heldout-samples", "16", "-o", str(out), log=log,
     )  # fmt: skip
     chosen = json.loads((out / "config.json").read_text())
     rows["minitron --target 0.5x --axes width"] = {
-        "tool": "minitron", "path": out, "prune_s": time.perf_counter() - started,
+        "tool": "minitron", "path": out, "prune_s": seconds,
         "shape": {"hidden": chosen["hidden_size"], "ffn": chosen["intermediate_size"],
                   "heads": chosen["num_attention_heads"], "kv_heads": chosen["num_key_value_heads"]},
     }  # fmt: skip
@@ -230,48 +236,49 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
     for limit in args.limit or ():
         # The same search with another --limit (the quickstart's ffn=0.6 lets it weigh a shallower MLP cut).
         out = work / f"minitron-0.5x-limit-{limit.replace('=', '-')}"
-        started = time.perf_counter()
-        _unless_done(
+        seconds = _unless_done(
             out, "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--limit", limit, "--scores",
             str(scores), *data, "--heldout-samples", "16", "-o", str(out), log=log,
         )  # fmt: skip
         rows[f"minitron --target 0.5x --axes width --limit {limit}"] = {
-            "tool": "minitron", "path": out, "prune_s": time.perf_counter() - started,
+            "tool": "minitron", "path": out, "prune_s": seconds,
         }
 
     for variant, heads in (("keep heads", False), ("heads", True)):
         if variant not in args.variants.split(","):
             continue
         out = work / f"torch-pruning-{variant.replace(' ', '-')}"
-        started = time.perf_counter()
-        produced = _tp_done(out, ratio) or tp_prune(teacher, ratio, heads=heads, out=out)
+        started, seconds = time.perf_counter(), None
+        produced = _tp_done(out, ratio)
+        if produced is None:
+            produced, seconds = tp_prune(teacher, ratio, heads=heads, out=out), time.perf_counter() - started
         name = f"torch-pruning ({variant}), ratio {ratio}"
-        rows[name] = {"tool": "torch-pruning", "path": out, "prune_s": time.perf_counter() - started, **produced}
+        rows[name] = {"tool": "torch-pruning", "path": out, "prune_s": seconds, **produced}
         if "error" in produced:
             continue
         twin = work / f"minitron-shape-of-torch-pruning-{variant.replace(' ', '-')}"
         flags = ["--hidden-size", str(produced["hidden"]), "--ffn-size", str(produced["ffn"])]
         if heads:
             flags += ["--heads", str(produced["heads"]), "--kv-heads", str(produced["kv_heads"])]
-        started = time.perf_counter()
         try:
-            _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(scores), "-o", str(twin), log=log)
+            seconds = _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(scores), "-o", str(twin),
+                                   log=log)  # fmt: skip
             rows[f"minitron, torch-pruning's {variant} shape"] = {
-                "tool": "minitron", "path": twin, "prune_s": time.perf_counter() - started, "flags": " ".join(flags),
+                "tool": "minitron", "path": twin, "prune_s": seconds, "flags": " ".join(flags),
             }
         except RuntimeError as e:
             rows[f"minitron, torch-pruning's {variant} shape"] = {"tool": "minitron", "error": str(e)[-300:]}
         for agg in args.seq_agg or ():
             # The same shape from scores aggregated otherwise over each sequence (minitron's default is the
-            # paper's mean; docs/study finds L2 lower right after pruning on the bundled teacher).
+            # paper's mean; L2 is the other choice its README names).
             other = work / f"scores-seq-{agg}.safetensors"
             if not other.is_file():
                 common.minitron_cli("importance", str(teacher), *data, "--seq-agg", agg, "-o", str(other), log=log)
             twin = work / f"minitron-seq-{agg}-shape-of-torch-pruning-{variant.replace(' ', '-')}"
-            started = time.perf_counter()
-            _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(other), "-o", str(twin), log=log)
+            seconds = _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(other), "-o", str(twin),
+                                   log=log)  # fmt: skip
             rows[f"minitron importance --seq-agg {agg}, torch-pruning's {variant} shape"] = {
-                "tool": "minitron", "path": twin, "prune_s": time.perf_counter() - started, "flags": " ".join(flags),
+                "tool": "minitron", "path": twin, "prune_s": seconds, "flags": " ".join(flags),
             }
 
     for name, row in rows.items():
@@ -298,11 +305,6 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
 # --- report -------------------------------------------------------------------------------------------------
 
 
-def _shown(path: str) -> str:
-    """A path inside the repository relative to it (the results then read the same on every machine)."""
-    return str(Path(path).relative_to(common.ROOT)) if Path(path).is_relative_to(common.ROOT) else path
-
-
 def markdown(record: dict) -> list[str]:
     s = record["settings"]
     lines = [
@@ -318,13 +320,15 @@ def markdown(record: dict) -> list[str]:
         f"`minitron distill`, the same recipe for every student: forward KL at τ = 1 from its teacher, {s['steps']} "
         f"steps × {s['batch']} × {SEQ_LEN} tokens of the same train articles, AdamW lr {s['lr']} (cosine to a tenth, "
         "10 % warm-up), fp32, seed 0. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
-        "ratio that lands nearest minitron's parameter count with a hidden size transformers accepts.",
+        "ratio that lands nearest minitron's parameter count with a hidden size transformers accepts. "
+        "The losses do not depend on the machine's load; the timings in the JSON do, and are null for steps "
+        "whose output an earlier run left in `--work` and this one reused.",
     ]
     for t in record["teachers"]:
         sh = t["shape"]
         lines += [
             "",
-            f"## `{_shown(t['teacher'])}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
+            f"## `{machine.shown(t['teacher'])}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
             f"{sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}, "
             f"{'tied' if sh['tied'] else 'untied'} embeddings; {t['params']:,} parameters, held-out loss {t['loss']:.3f}",
             "",
@@ -358,7 +362,7 @@ def markdown(record: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
-    parser.add_argument("--samples", type=int, default=64, help="calibration blocks for importance")
+    parser.add_argument("--samples", type=int, default=1024, help="calibration blocks for importance")
     parser.add_argument("--heldout", type=int, default=32, help="held-out blocks that score every model")
     parser.add_argument("--steps", type=int, default=40, help="distillation steps")
     parser.add_argument("--batch", type=int, default=4, help="blocks per distillation step")
@@ -377,18 +381,18 @@ def main() -> None:
 
     text = training_text()
     work = args.work or Path(tempfile.mkdtemp(prefix="peers-prune-"))
-    load_before = common.load_average()
+    load_before = machine.load_average()
     results = [compare(t.resolve(), work / f"{i}-{t.name}", text, args) for i, t in enumerate(teachers)]
     record = {
-        "machine": common.machine.describe("cpu"),
+        "machine": machine.describe("cpu"),
         "load_average_before": load_before,
-        "load_average_after": common.load_average(),
-        "versions": common.versions("torch-pruning", "minitron"),
+        "load_average_after": machine.load_average(),
+        "versions": machine.versions("torch-pruning", "minitron"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": json.loads(json.dumps(vars(args), default=str)),
         "teachers": results,
     }
-    common.write(args.name, record, markdown)
+    machine.write(args.name, record, markdown)
 
 
 if __name__ == "__main__":
