@@ -23,9 +23,10 @@ For each teacher (the bundled one, and any other Llama checkpoint given with ``-
    also from scores aggregated by L2 over each sequence (``minitron importance --seq-agg l2``);
 4. every output is loaded with stock ``AutoModelForCausalLM`` (float32, no remote code) and scored on
    WikiText-2 *valid* blocks (text no stage here reads), then distilled with ``minitron distill`` from its
-   teacher with one recipe (same steps, data, batch, learning rate, seed) and scored again.
+   teacher with one recipe (same steps, data, batch, learning rate), once for each of ``--seeds`` data-order
+   seeds, and scored again (mean ± std over the seeds).
 
-Run by hand, never as a test (about 12 minutes per teacher on 2 CPU cores). The committed results, the second
+Run by hand, never as a test (about 25 minutes per teacher on 2 CPU cores). The committed results, the second
 teacher trained first (tied embeddings, 8 query / 4 KV heads):
 
     pip install -e '.[peers]'
@@ -52,6 +53,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -159,8 +161,9 @@ def score(path: Path, blocks) -> dict:
     return {"loads": True, "params": common.count_params(model), "loss": common.lm_loss(model, blocks)}
 
 
-def distill(teacher: Path, student: Path, run: Path, text: Path, args) -> Path:
-    """``minitron distill`` with the one recipe every student gets; returns the final checkpoint."""
+def distill(teacher: Path, student: Path, run: Path, text: Path, args, seed: int) -> Path:
+    """``minitron distill`` with the one recipe every student gets; returns the final checkpoint. The seed
+    orders the training blocks (which the recipe's seed decides, and nothing else here: the student is given)."""
     recipe = {
         "teacher": {"path": str(teacher)},
         "student": {"path": str(student)},
@@ -174,7 +177,7 @@ def distill(teacher: Path, student: Path, run: Path, text: Path, args) -> Path:
         "eval": {"every": 0, "blocks": 4},
         "checkpoint": {"every": 0},
         "output": {"dir": str(run)},
-        "seed": 0,
+        "seed": seed,
     }  # fmt: skip
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -289,7 +292,11 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
         print(f"{teacher.name}: scoring {name}", flush=True)
         row["pruned"] = score(path, blocks)
         if row["pruned"]["loads"]:
-            row["distilled"] = score(distill(teacher, path, work / f"distill-{path.name}", text, args), blocks)
+            # Seed 0 keeps the folder name of the runs before seeds were repeated, so --work reuses them.
+            runs = [work / (f"distill-{path.name}" + (f"-seed{seed}" if seed else "")) for seed in range(args.seeds)]
+            losses = [score(distill(teacher, path, run, text, args, seed), blocks)["loss"] for seed, run in enumerate(runs)]
+            row["distilled"] = {"losses": losses, "loss": statistics.fmean(losses),
+                                "std": statistics.stdev(losses) if len(losses) > 1 else 0.0}  # fmt: skip
     teacher_model, _ = common.load_stock(teacher)
     return {
         "teacher": str(teacher),
@@ -319,7 +326,8 @@ def markdown(record: dict) -> list[str]:
         f"Importance: {s['samples']} calibration blocks of the shipped WikiText-2 train articles. Distillation: "
         f"`minitron distill`, the same recipe for every student: forward KL at τ = 1 from its teacher, {s['steps']} "
         f"steps × {s['batch']} × {SEQ_LEN} tokens of the same train articles, AdamW lr {s['lr']} (cosine to a tenth, "
-        "10 % warm-up), fp32, seed 0. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
+        f"10 % warm-up), fp32; after distillation: mean ± std over {s.get('seeds', 1)} data-order seeds (0, 1, …) of "
+        "that recipe. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
         "ratio that lands nearest minitron's parameter count with a hidden size transformers accepts. "
         "The losses do not depend on the machine's load; the timings in the JSON do, and are null for steps "
         "whose output an earlier run left in `--work` and this one reused.",
@@ -350,10 +358,10 @@ def markdown(record: dict) -> list[str]:
                          "heads": cfg["num_attention_heads"], "kv_heads": cfg["num_key_value_heads"]}  # fmt: skip
             delta = f"{params - reference:+,}" if params and reference else ""
             loads = "yes" if pruned.get("loads") else f"no: {pruned.get('why', '')}"
+            after = f"{distilled['loss']:.3f} ± {distilled.get('std', 0.0):.3f}" if distilled else ""
             lines.append(
                 f"| {name} | {shape['hidden']} / {shape['ffn']} / {shape['heads']} / {shape['kv_heads']} "
-                f"| {params:,} | {delta} | {loads} | {pruned.get('loss', float('nan')):.3f} "
-                f"| {distilled.get('loss', float('nan')):.3f} |"
+                f"| {params:,} | {delta} | {loads} | {pruned.get('loss', float('nan')):.3f} | {after} |"
                 if params else f"| {name} | | | | {loads} | | |"
             )
     return lines
@@ -367,6 +375,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="distillation steps")
     parser.add_argument("--batch", type=int, default=4, help="blocks per distillation step")
     parser.add_argument("--lr", type=float, default=2e-3, help="distillation peak learning rate")
+    parser.add_argument("--seeds", type=int, default=3, help="distillations of each student (data-order seeds)")
     parser.add_argument("--limit", action="append", help="also run minitron's search with this --limit (repeatable)")
     parser.add_argument("--variants", default="keep heads,heads", help="torch-pruning settings to run")
     parser.add_argument("--seq-agg", action="append", choices=["l2", "var"],
