@@ -40,9 +40,9 @@ teacher trained first (tied embeddings, 8 query / 4 KV heads):
 (``--variants "keep heads"`` there: torch-pruning's head pruning had not finished on that teacher after 18
 minutes; on the bundled one it fails at once.) Importance calibrates on ``minitron importance``'s
 default 1,024 blocks (``--samples``); with the 64 these results used before, minitron's losses right after
-pruning moved by up to 0.15 nats (``benchmarks/results/calibration_size.md`` measures that spread). ``--work DIR`` keeps the
-checkpoints, and a run stopped midway resumes from what DIR holds. ``embedding_ranking.py`` follows up on
-the one point where torch-pruning comes out ahead.
+pruning moved by up to 0.15 nats (``benchmarks/results/calibration_size.md`` measures that spread).
+``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds.
+``unit_ranking.py`` follows up on the one point where torch-pruning comes out ahead.
 
 Results: ``benchmarks/results/NAME.{json,md}`` (``--name``, default ``peers_prune``).
 """
@@ -294,7 +294,8 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
         if row["pruned"]["loads"]:
             # Seed 0 keeps the folder name of the runs before seeds were repeated, so --work reuses them.
             runs = [work / (f"distill-{path.name}" + (f"-seed{seed}" if seed else "")) for seed in range(args.seeds)]
-            losses = [score(distill(teacher, path, run, text, args, seed), blocks)["loss"] for seed, run in enumerate(runs)]
+            losses = [score(distill(teacher, path, run, text, args, seed), blocks)["loss"]
+                      for seed, run in enumerate(runs)]  # fmt: skip
             row["distilled"] = {"losses": losses, "loss": statistics.fmean(losses),
                                 "std": statistics.stdev(losses) if len(losses) > 1 else 0.0}  # fmt: skip
     teacher_model, _ = common.load_stock(teacher)
@@ -326,8 +327,8 @@ def markdown(record: dict) -> list[str]:
         f"Importance: {s['samples']} calibration blocks of the shipped WikiText-2 train articles. Distillation: "
         f"`minitron distill`, the same recipe for every student: forward KL at τ = 1 from its teacher, {s['steps']} "
         f"steps × {s['batch']} × {SEQ_LEN} tokens of the same train articles, AdamW lr {s['lr']} (cosine to a tenth, "
-        f"10 % warm-up), fp32; after distillation: mean ± std over {s.get('seeds', 1)} data-order seeds (0, 1, …) of "
-        "that recipe. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
+        f"10 % warm-up), fp32; after distillation: mean ± std over {s.get('seeds', 1)} data-order seeds (0, 1, …) "
+        "of that recipe. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
         "ratio that lands nearest minitron's parameter count with a hidden size transformers accepts. "
         "The losses do not depend on the machine's load; the timings in the JSON do, and are null for steps "
         "whose output an earlier run left in `--work` and this one reused.",
