@@ -88,6 +88,14 @@ def versions(*packages: str) -> dict[str, str]:
     return found
 
 
+def machine_line(record: dict, extra: str = "") -> str:
+    """The first line of a results page: the machine, the load average before and after the run (``extra``
+    after it), the versions; from a record with those keys."""
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    return (f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
+            f"{record['load_average_after']} after{extra}. Versions: {versions}.")  # fmt: skip
+
+
 def shown(path: str | Path) -> str:
     """``path`` relative to the repository when it lies inside it (the bundled teacher), else as given."""
     resolved = Path(path).resolve()

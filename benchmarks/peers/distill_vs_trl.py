@@ -212,13 +212,10 @@ def summarise(runs: list[dict], args) -> dict:
 
 def markdown(record: dict, args) -> list[str]:
     m, t = record["summary"]["minitron"], record["summary"]["trl"]
-    v = record["versions"]
     lines = [
         "# Distillation throughput and memory: minitron beside TRL's GKD trainer",
         "",
-        f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
-        f"{record['load_average_after']} after. Versions: "
-        + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",
+        machine.machine_line(record),
         "",
         f"Random-weight Llama teacher {args.teacher} → student {args.student} (hidden,ffn,layers,heads,kv; "
         f"untied), vocab {args.vocab:,}; {args.micro} × {args.seq_len} tokens a step, fp32, AdamW lr {args.lr} "

@@ -318,9 +318,7 @@ def markdown(record: dict) -> list[str]:
     lines = [
         "# Pruning quality: minitron beside torch-pruning",
         "",
-        f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
-        f"{record['load_average_after']} after. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        machine.machine_line(record),
         "",
         f"Held-out loss: mean next-token cross-entropy (nats) on {s['heldout']} blocks × {SEQ_LEN} tokens of "
         "WikiText-2 *valid* articles, each model loaded with stock `AutoModelForCausalLM` (float32). "

@@ -128,9 +128,7 @@ def markdown(record: dict) -> list[str]:
     lines = [
         "# Which units to keep: activation importance beside weight magnitude",
         "",
-        f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
-        f"{record['load_average_after']} after; {record['threads']} torch thread(s). Versions: "
-        + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        machine.machine_line(record, f"; {record['threads']} torch thread(s)"),
         "",
         "One axis is cut at a time, everything else kept whole; the units kept are chosen by each ranking. "
         f"Held-out loss right after pruning, nats per token on {s['heldout']} blocks × {s['seq_len']} tokens of "
