@@ -22,6 +22,8 @@ for _path in (str(ROOT), str(HERE.parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import machine  # noqa: E402  (benchmarks/machine.py, importable once the path above is set)
+
 VALID = ROOT / "minitron" / "assets" / "data" / "wikitext-2" / "valid.jsonl.gz"
 
 
@@ -114,3 +116,12 @@ def load_stock(path: Path):
 def count_params(model) -> int:
     """Distinct parameters (a tied head counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def teacher_heading(teacher: dict) -> str:
+    """A results section's heading: the teacher's path (repository-relative when inside it) and shape, from a
+    record with ``teacher`` and ``shape`` (``Shape.to_dict()``)."""
+    sh = teacher["shape"]
+    return (f"## `{machine.shown(teacher['teacher'])}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} "
+            f"layers, {sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}, "
+            f"{'tied' if sh['tied'] else 'untied'} embeddings")  # fmt: skip

@@ -332,12 +332,9 @@ def markdown(record: dict) -> list[str]:
         "whose output an earlier run left in `--work` and this one reused.",
     ]
     for t in record["teachers"]:
-        sh = t["shape"]
         lines += [
             "",
-            f"## `{machine.shown(t['teacher'])}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
-            f"{sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}, "
-            f"{'tied' if sh['tied'] else 'untied'} embeddings; {t['params']:,} parameters, held-out loss {t['loss']:.3f}",
+            f"{common.teacher_heading(t)}; {t['params']:,} parameters, held-out loss {t['loss']:.3f}",
             "",
             "| method | shape (hidden / MLP / heads / KV) | parameters | Δ vs minitron 0.5x | loads with stock AutoModelForCausalLM "
             "| loss after pruning | loss after distillation |",

@@ -141,9 +141,7 @@ def markdown(record: dict) -> list[str]:
         sh = t["shape"]
         lines += [
             "",
-            f"## `{machine.shown(t['teacher'])}`: hidden {sh['hidden']}, MLP {sh['ffn']}, {sh['layers']} layers, "
-            f"{sh['heads']} heads / {sh['kv_heads']} KV; held-out loss {t['loss']:.3f}, "
-            f"unigram {t['unigram_loss']:.3f}",
+            f"{common.teacher_heading(t)}; held-out loss {t['loss']:.3f}, unigram {t['unigram_loss']:.3f}",
         ]
         for axis, rows in t["axes"].items():
             lines += [
