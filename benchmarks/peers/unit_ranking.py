@@ -65,10 +65,10 @@ def rank(teacher: Path, args) -> dict:
     from minitron.quickstart import training_text
     from minitron.study import magnitude_scores, random_scores
 
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
     model, why = common.load_stock(teacher)
     if model is None:
         sys.exit(f"{teacher}: {why}")
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
     model.eval()
     shape = Shape.from_config(model.config)
     calib = token_blocks(tokenizer, training_text(), seq_len=SEQ_LEN, samples=args.samples, seed=0)
