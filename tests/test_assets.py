@@ -156,8 +156,9 @@ def test_wheel_package_data_covers_assets():
 # ---------------------------------------------------------------- the training script
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_teacher", REPO / "scripts" / "train_teacher.py")
+def _script(name: str = "train_teacher"):
+    """``scripts/NAME.py`` as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -285,13 +286,6 @@ def test_script_continue_refuses_a_folder_that_is_not_a_trained_teacher(tmp_path
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-work").exists()
 
 
-def _card_module():
-    spec = importlib.util.spec_from_file_location("teacher_card", REPO / "scripts" / "teacher_card.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _staged_summary() -> dict:
     """A teacher trained 2,000 steps, then continued 1,000 on the same machine and 1,000 on another, the
     training batches' loss falling below the valid loss in the last stage."""
@@ -304,7 +298,7 @@ def _staged_summary() -> dict:
 
 
 def test_teacher_card_names_each_machine_once_per_run_of_stages():
-    card = _card_module()
+    card = _script("teacher_card")
     s = _staged_summary()
     assert card.machine_note(s) == "steps 1–3,000: cpu A; steps 3,001–4,000: cpu B"
     s["continued"][1]["machine"] = "cpu A"
@@ -312,7 +306,7 @@ def test_teacher_card_names_each_machine_once_per_run_of_stages():
 
 
 def test_teacher_card_gives_each_stage_its_raw_test_change_and_the_train_valid_gap():
-    card = _card_module()
+    card = _script("teacher_card")
     note = card.plateau_note(_staged_summary())
     # Stage 2,001–3,000 ended where the next one started (4.6 → 4.5); the last ended at the summary's score.
     assert "from 4.0000 to 3.9000" in note and "raw test split from 4.6000 to 4.5000 (-0.1000 per 1,000 steps)" in note
