@@ -134,17 +134,17 @@ def study_blocks(tokenizer: Any, train_docs: list[str], heldout_docs: list[str],
     from minitron.data import token_blocks
 
     what = "the study's training text (--text, less the held-out tenth)"
-    # Each sample with the fix that helps it: fewer --retrain-steps shrink the training blocks, not calibration.
-    needs = ((s.train_blocks(), 1, "pass more text, or fewer --retrain-steps (the scratch run reads "
-                                   f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)"),
-             (s.calib, 0, f"pass more text (importance calibrates on {s.calib} blocks of {s.seq_len} tokens)"))
-    blocks = {}
-    for samples, seed, fix in needs:
+
+    def draw(samples: int, seed: int, fix: str):
         try:
-            blocks[seed] = token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=samples, seed=seed, what=what)
+            return token_blocks(tokenizer, train_docs, seq_len=s.seq_len, samples=samples, seed=seed, what=what)
         except UserError as e:
             raise UserError(f"too short for this study: {e.what}", where="--text", fix=fix) from None
-    calib, train = blocks[0], blocks[1]
+
+    # Each sample with the fix that helps it: fewer --retrain-steps shrink the training blocks, not calibration.
+    train = draw(s.train_blocks(), 1, "pass more text, or fewer --retrain-steps (the scratch run reads "
+                                      f"{s.scratch_factor} × retrain-steps × {s.batch} blocks of {s.seq_len} tokens)")
+    calib = draw(s.calib, 0, f"pass more text (importance calibrates on {s.calib} blocks of {s.seq_len} tokens)")
     heldout = token_blocks(tokenizer, heldout_docs, seq_len=s.seq_len, samples=s.heldout, seed=2,
                            what="the study's held-out text (every tenth --text document)")
     return calib, train, heldout
