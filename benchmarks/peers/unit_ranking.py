@@ -1,4 +1,4 @@
-"""Which units to keep: minitron's activation importance beside weight magnitude, one axis at a time, cut by cut.
+r"""Which units to keep: minitron's activation importance beside weight magnitude, one axis at a time, cut by cut.
 
 The torch-pruning comparison (``prune_vs_torch_pruning.py``) finds minitron behind torch-pruning right after
 pruning at torch-pruning's own shape on the bundled teacher, and ahead at every other point. That shape cuts
@@ -12,14 +12,22 @@ whole), in steps of 1/16 down to half, choosing the units by
 * weight magnitude: the L2 norm of every weight that reads or writes the unit (the criterion of
   torch-pruning's LLM recipe, ``GroupMagnitudeImportance(p=2)``; computed as ``minitron study`` does);
 * random units (three seeds: their spread is the noise floor of a comparison at that cut),
+* for embedding channels, one channel at a time: each channel's own cost, the calibration loss it adds when
+  it alone is removed (zeroed in every weight that reads or writes it), measured on 16 calibration blocks
+  rather than estimated from activations or weights. It is what a score of single channels tries to know;
+  where activations beat it, how channels act together decides the cut, which it cannot see;
 
 and scores each pruned model, right after pruning, on the held-out WikiText-2 *valid* blocks that the
-comparison uses. A unigram model of the calibration text (token frequencies, nothing else) is the line at
-which a pruned model has kept nothing of its teacher's use of context.
+comparison uses. Given ``--shape HIDDEN,FFN`` for a teacher (the shape torch-pruning produced for it), it also
+cuts both axes at once to that shape, with each pair of rankings: activations for both (minitron's default),
+magnitude for both (torch-pruning's criterion), and magnitude or measured cost for the embedding channels
+with activations for the neurons. A unigram model of the calibration text (token frequencies, nothing else)
+is the line at which a pruned model has kept nothing of its teacher's use of context.
 
-Run by hand (about 7 minutes per teacher on one CPU core); the committed results::
+Run by hand (about 15 minutes per teacher on one CPU core); the committed results::
 
-    PEERS_THREADS=1 python benchmarks/peers/unit_ranking.py --teacher minitron/assets/teacher --teacher ../teacher-tied
+    PEERS_THREADS=1 python benchmarks/peers/unit_ranking.py --teacher minitron/assets/teacher --shape 200,484 \
+        --teacher ../teacher-tied --shape 160,400
 
 (``../teacher-tied``: built with ``scripts/train_teacher.py`` as ``prune_vs_torch_pruning.py`` says.)
 Results: ``benchmarks/results/unit_ranking.{json,md}``.
@@ -42,7 +50,17 @@ SEQ_LEN = 256
 CALIBRATION = 1024  # `minitron importance --samples` default
 SEEDS = 3
 RANKINGS = ("activation (default)", "activation, seq L2", "weight magnitude")
+ALONE = "one channel at a time"
 AXES = {"hidden": "embedding channels", "ffn": "MLP neurons (every layer)"}
+NAMED = {"hidden": (*RANKINGS, ALONE), "ffn": RANKINGS}  # the rankings each axis's table compares
+MIXED = "magnitude channels, activation neurons"
+JOINT = {  # both axes cut at once: ranking -> (embedding channels, MLP neurons) ranked by
+    "activation (default)": "activation / activation (minitron's default)",
+    "weight magnitude": "weight magnitude / weight magnitude (torch-pruning's criterion)",
+    MIXED: "weight magnitude / activation",
+    ALONE: "one channel at a time / activation",
+}
+ALONE_BLOCKS = 16
 
 
 def unigram_loss(calib, heldout, vocab: int) -> float:
@@ -54,7 +72,35 @@ def unigram_loss(calib, heldout, vocab: int) -> float:
     return float(-log_p[heldout[:, 1:].flatten()].mean())
 
 
-def rank(teacher: Path, args) -> dict:
+def one_at_a_time(model, like, blocks):
+    """Scores whose embedding channels are each channel's own cost: the loss on ``blocks`` with that channel
+    alone zeroed in every weight that reads or writes it (the residual stream then carries nothing there),
+    minus the whole model's. The other keys are copied from ``like``."""
+    import torch
+
+    from minitron.importance import Scores
+    from minitron.inputs import all_tensors
+
+    shape, state = like.shape, model.state_dict()  # the state's tensors share the parameters' storage
+    slices = [
+        (state[name], spec.axes.index("hidden"))
+        for name, spec in all_tensors(shape, shape.memory_layer_tensors())
+        if name in state and "hidden" in spec.axes
+    ]
+    whole = common.lm_loss(model, blocks)
+    costs = torch.empty(shape.hidden)
+    with torch.no_grad():
+        for c in range(shape.hidden):
+            saved = [w.select(dim, c).clone() for w, dim in slices]
+            for w, dim in slices:
+                w.select(dim, c).zero_()
+            costs[c] = common.lm_loss(model, blocks) - whole
+            for (w, dim), kept in zip(slices, saved):
+                w.select(dim, c).copy_(kept)
+    return Scores({**like.tensors, "hidden": costs}, {**like.meta, "method": ALONE})
+
+
+def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
     from transformers import AutoTokenizer
 
     from minitron.data import token_blocks
@@ -77,7 +123,14 @@ def rank(teacher: Path, args) -> dict:
         agg: compute_scores(model, calib, batch_size=8, seq_agg=agg, show_progress=False) for agg in ("mean", "l2")
     }
     rankings = dict(zip(RANKINGS, (activation["mean"], activation["l2"], magnitude_scores(model, activation["mean"]))))
+    rankings[ALONE] = one_at_a_time(model, activation["mean"], calib[:ALONE_BLOCKS])
+    rankings[MIXED] = dataclasses.replace(
+        activation["mean"], tensors={**activation["mean"].tensors, "hidden": rankings["weight magnitude"]["hidden"]}
+    )
     rankings |= {f"random {seed}": random_scores(activation["mean"], seed) for seed in range(SEEDS)}
+
+    def loss(student, scores) -> float:  # held-out loss of the teacher pruned to ``student`` by ``scores``
+        return round(common.lm_loss(prune_model(model, make_plan(shape, student, scores)), heldout), 4)
 
     # Cuts in steps of 1/16 down to half; an embedding stays a multiple of the head count (transformers' Llama
     # needs it). Everything but the axis stays whole, so only the choice of its units differs.
@@ -87,18 +140,22 @@ def rank(teacher: Path, args) -> dict:
         whole, axes[axis] = getattr(shape, axis), []
         for kept in range(whole - step, whole // 2 - 1, -step):
             student = dataclasses.replace(shape, **{axis: kept})
-            losses = {}
-            for name, scores in rankings.items():
-                pruned = prune_model(model, make_plan(shape, student, scores))
-                losses[name] = round(common.lm_loss(pruned, heldout), 4)
+            losses = {n: loss(student, r) for n, r in rankings.items() if n in NAMED[axis] or n.startswith("random")}
             axes[axis].append({"kept": kept, "params": student.counts()["total"], "loss": losses})
             print(f"{teacher.name}: {axis} {kept}: {losses}", flush=True)
+    both = None
+    if joint:  # both axes at once, at the shape torch-pruning produced for this teacher
+        student = dataclasses.replace(shape, hidden=joint[0], ffn=joint[1])
+        losses = {n: loss(student, r) for n, r in rankings.items() if n in JOINT or n.startswith("random")}
+        both = {"hidden": joint[0], "ffn": joint[1], "params": student.counts()["total"], "loss": losses}
+        print(f"{teacher.name}: both {joint}: {both['loss']}", flush=True)
     return {
         "teacher": str(teacher),
         "shape": shape.to_dict(),
         "loss": round(common.lm_loss(model, heldout), 4),
         "unigram_loss": round(unigram_loss(calib, heldout, shape.vocab), 4),
         "axes": axes,
+        "joint": both,
     }
 
 
@@ -109,11 +166,11 @@ def _random(losses: dict) -> list[float]:
     return [v for k, v in losses.items() if k.startswith("random")]
 
 
-def row_line(row: dict, whole: int) -> str:
-    """One cut: the three rankings (the lowest in bold where it leads the next by more than the random spread),
+def row_line(row: dict, whole: int, names: tuple[str, ...]) -> str:
+    """One cut: the named rankings (the lowest in bold where it leads the next by more than the random spread),
     random's mean ± std, and the default's difference from weight magnitude."""
     losses = row["loss"]
-    named = [losses[k] for k in RANKINGS]
+    named = [losses[k] for k in names]
     noise = statistics.stdev(_random(losses))
     best, second = sorted(named)[:2]
     cells = [f"**{v:.3f}**" if v == best and second - best > noise else f"{v:.3f}" for v in named]
@@ -134,8 +191,10 @@ def markdown(record: dict) -> list[str]:
         f"Held-out loss right after pruning, nats per token on {s['heldout']} blocks × {s['seq_len']} tokens of "
         f"WikiText-2 *valid* articles. Activation importance on {s['samples']} calibration blocks × "
         f"{s['seq_len']} tokens of the shipped train articles. Random: mean ± std over {s['seeds']} seeds, the "
-        "noise floor of a comparison at that cut. **Bold**: the lowest of the three rankings where it leads the "
-        "next by more than that spread. Unigram: the loss of token frequencies alone.",
+        "noise floor of a comparison at that cut. One channel at a time: each embedding channel ranked by the "
+        f"loss it adds on {s['alone_blocks']} calibration blocks when it alone is removed. **Bold**: the lowest "
+        "of the rankings where it leads the next by more than the random spread. Unigram: the loss of token "
+        "frequencies alone.",
     ]
     for t in record["teachers"]:
         sh = t["shape"]
@@ -148,17 +207,36 @@ def markdown(record: dict) -> list[str]:
                 "",
                 f"{AXES[axis]}:",
                 "",
-                "| kept (cut) | activation (default) | activation, seq L2 | weight magnitude | random "
-                "| default − magnitude |",
-                "|---|---|---|---|---|---|",
-                *(row_line(row, sh[axis]) for row in rows),
+                f"| kept (cut) | {' | '.join(NAMED[axis])} | random | default − magnitude |",
+                "|---|" + "---|" * (len(NAMED[axis]) + 2),
+                *(row_line(row, sh[axis], NAMED[axis]) for row in rows),
             ]
+        if t.get("joint"):
+            lines += ["", *joint_lines(t["joint"], sh)]
     return lines
+
+
+def joint_lines(joint: dict, shape: dict) -> list[str]:
+    """Both axes cut at once to torch-pruning's shape: one row per pair of rankings, random's below."""
+    losses, noise = joint["loss"], _random(joint["loss"])
+    return [
+        f"both axes at torch-pruning's shape (hidden {joint['hidden']} of {shape['hidden']}, MLP {joint['ffn']} "
+        f"of {shape['ffn']}, {joint['params']:,} parameters):",
+        "",
+        "| embedding channels / MLP neurons ranked by | loss right after pruning |",
+        "|---|---|",
+        *(f"| {label} | {losses[name]:.3f} |" for name, label in JOINT.items()),
+        f"| random / random | {statistics.fmean(noise):.3f} ± {statistics.stdev(noise):.3f} |",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
+    parser.add_argument(
+        "--shape", action="append", default=[], metavar="HIDDEN,FFN",
+        help="torch-pruning's shape for the teacher of the same place, to cut both axes at once (repeatable)",
+    )
     parser.add_argument("--samples", type=int, default=CALIBRATION, help="calibration blocks for importance")
     parser.add_argument("--heldout", type=int, default=32, help="held-out blocks that score every model")
     parser.add_argument("--name", default="unit_ranking", help="results file stem")
@@ -169,8 +247,15 @@ def main() -> None:
 
     torch.set_num_threads(threads)
     teachers = args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]
+    how = f"--shape takes HIDDEN,FFN, two whole numbers, once for every --teacher ({len(teachers)}) in order"
+    try:
+        shapes = [tuple(int(n) for n in text.split(",")) for text in args.shape]
+    except ValueError:
+        parser.error(f"{how}; got {args.shape}")
+    if shapes and (len(shapes) != len(teachers) or any(len(pair) != 2 for pair in shapes)):
+        parser.error(f"{how}; got {args.shape}")
     load_before = machine.load_average()
-    results = [rank(t.resolve(), args) for t in teachers]
+    results = [rank(t.resolve(), joint, args) for t, joint in zip(teachers, shapes or [None] * len(teachers))]
     record = {
         "machine": machine.describe("cpu"),
         "load_average_before": load_before,
@@ -178,7 +263,10 @@ def main() -> None:
         "threads": threads,
         "versions": machine.versions("minitron"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {"samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "seeds": SEEDS},
+        "settings": {
+            "samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "seeds": SEEDS,
+            "alone_blocks": ALONE_BLOCKS,
+        },
         "teachers": results,
     }
     machine.write(args.name, record, markdown)
