@@ -45,6 +45,7 @@ from pathlib import Path
 
 import common
 import machine  # benchmarks/machine.py, on sys.path once common is imported
+from minitron.errors import EXIT_USER_ERROR, UserError  # the repository root is on sys.path once common is imported
 
 SEQ_LEN = 256
 CALIBRATION = 1024  # `minitron importance --samples` default
@@ -112,8 +113,8 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
     from minitron.study import magnitude_scores, random_scores
 
     model, why = common.load_stock(teacher)
-    if model is None:
-        sys.exit(f"{teacher}: {why}")
+    if model is None:  # weights check_inputs passed but transformers refuses
+        raise UserError(f"stock AutoModelForCausalLM cannot load it ({why})", where=str(teacher))
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     model.eval()
     shape = Shape.from_config(model.config)
@@ -230,6 +231,33 @@ def joint_lines(joint: dict, shape: dict) -> list[str]:
     ]
 
 
+def check_inputs(teachers: list[Path], texts: list[str]) -> list[tuple[int, int] | None]:
+    """Every teacher's checkpoint (through minitron's checked reader) and its ``--shape HIDDEN,FFN`` (as
+    ``minitron prune`` checks a student), before the first minute of work; the shapes, or ``None`` each."""
+    from minitron.families import Shape
+    from minitron.inputs import check_weights, read_config
+    from minitron.plan import check_student
+
+    how = f"pass HIDDEN,FFN, two whole numbers, once for every --teacher ({len(teachers)}) in the same order"
+    shapes = []
+    for text in texts:
+        parts = text.split(",")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise UserError("not two whole numbers", where=f"--shape {text}", fix=how)
+        shapes.append((int(parts[0]), int(parts[1])))
+    if shapes and len(shapes) != len(teachers):
+        raise UserError(f"{len(shapes)} given for {len(teachers)} teacher(s)", where="--shape", fix=how)
+    for teacher, pair, text in zip(teachers, shapes, texts):
+        shape = Shape.from_config(read_config(teacher))
+        try:
+            check_student(shape, shape.replace(hidden=pair[0], ffn=pair[1]))
+        except UserError as e:  # it names prune's flags; here the pair came from --shape
+            raise UserError(e.what, where=f"--shape {text} for {teacher}", fix=e.fix) from None
+    for teacher in teachers:
+        check_weights(teacher)
+    return shapes or [None] * len(teachers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
@@ -247,15 +275,9 @@ def main() -> None:
 
     torch.set_num_threads(threads)
     teachers = args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]
-    how = f"--shape takes HIDDEN,FFN, two whole numbers, once for every --teacher ({len(teachers)}) in order"
-    try:
-        shapes = [tuple(int(n) for n in text.split(",")) for text in args.shape]
-    except ValueError:
-        parser.error(f"{how}; got {args.shape}")
-    if shapes and (len(shapes) != len(teachers) or any(len(pair) != 2 for pair in shapes)):
-        parser.error(f"{how}; got {args.shape}")
+    shapes = check_inputs(teachers, args.shape)
     load_before = machine.load_average()
-    results = [rank(t.resolve(), joint, args) for t, joint in zip(teachers, shapes or [None] * len(teachers))]
+    results = [rank(t.resolve(), joint, args) for t, joint in zip(teachers, shapes)]
     record = {
         "machine": machine.describe("cpu"),
         "load_average_before": load_before,
@@ -265,7 +287,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "seeds": SEEDS,
-            "alone_blocks": ALONE_BLOCKS,
+            "alone_blocks": min(ALONE_BLOCKS, args.samples),
         },
         "teachers": results,
     }
@@ -273,4 +295,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # as the minitron CLI reports one: a line on stderr, exit code 2, no traceback
+        print(f"error: {e.line()}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
