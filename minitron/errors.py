@@ -8,7 +8,8 @@ Anything else that escapes is a bug in minitron and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 EXIT_USER_ERROR = 2
 
@@ -33,6 +34,15 @@ class UserError(Exception):
         # One line, always: a newline inside a message would break log parsers and the contract.
         return " — ".join(p.replace("\n", " ") for p in parts)
 
+
+def run_script(main: Callable[[], None]) -> None:
+    """Entry point of a repository script (``scripts/``, ``benchmarks/``): a :class:`UserError` becomes one
+    line on stderr and exit code 2, as the CLI reports one; anything else keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e.line()}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 class Interrupted(BaseException):

@@ -54,7 +54,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from transformers.utils import logging as hf_logging
 
 from minitron.artifacts import atomic_dir, atomic_file, check_output_dir, versions
-from minitron.errors import EXIT_USER_ERROR, UserError
+from minitron.errors import UserError, run_script
 from minitron.report_console import progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the model card beside this script
@@ -661,8 +661,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # as the minitron CLI reports one: a line on stderr, exit code 2, no traceback
-        print(f"error: {e.line()}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    run_script(main)

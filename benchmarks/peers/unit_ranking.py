@@ -45,7 +45,7 @@ from pathlib import Path
 
 import common
 import machine  # benchmarks/machine.py, on sys.path once common is imported
-from minitron.errors import EXIT_USER_ERROR, UserError  # the repository root is on sys.path once common is imported
+from minitron.errors import UserError, run_script  # the repository root is on sys.path once common is imported
 
 SEQ_LEN = 256
 CALIBRATION = 1024  # `minitron importance --samples` default
@@ -295,8 +295,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # as the minitron CLI reports one: a line on stderr, exit code 2, no traceback
-        print(f"error: {e.line()}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    run_script(main)
