@@ -149,6 +149,9 @@ class Family:
             input is the concatenated per-head attention outputs (importance of heads).
         layer_norms: in-memory paths of the norms inside a decoder layer over the embedding channels
             (importance of embedding channels, with the final ``model.norm``).
+        rms_norms: the norms over the embedding channels are RMSNorms (``w · x / rms(x)``), which the pruner
+            rescales when it removes embedding channels (:func:`minitron.plan.norm_scales`). Nemotron's
+            LayerNorm1P also subtracts the mean and scales by ``1 + w``: it is cut and not rescaled.
         hidden_multiple_of_heads: the transformers config refuses a hidden size that is not a multiple of
             the number of query heads, even with an explicit ``head_dim`` (``LlamaConfig`` in transformers 5).
         ffn_key: the config field of the (expert) MLP width.
@@ -168,6 +171,7 @@ class Family:
     multipliers: tuple[str, ...] = ()
     attn_out: str = "self_attn.o_proj"
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    rms_norms: bool = True
     hidden_multiple_of_heads: bool = False
     ffn_key: str = "intermediate_size"
     experts_keys: tuple[str, ...] = ("num_local_experts",)
@@ -229,6 +233,7 @@ FAMILIES: dict[str, Family] = {
             "nemotron",
             _ATTENTION + _NORMS_WITH_BIAS + _UNGATED_MLP,
             global_tensors=_GLOBALS + (Tensor("model.norm.bias", ("hidden",)),),
+            rms_norms=False,
         ),
     )
 }

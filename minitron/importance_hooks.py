@@ -123,6 +123,9 @@ class Recorder:
         agg = lambda: BatchAgg(batch_agg)  # noqa: E731
         layers = len(base.layers)
         self.norms = [agg() for _ in range(layers * len(family.layer_norms) + 1)]
+        # Each norm's input, per channel: its mean square over every calibration token (how the pruner
+        # rescales the norms that remain, see `minitron.plan.norm_scales`), whatever the aggregations.
+        self.norm_energy = [BatchAgg("mean") for _ in self.norms]
         self.heads = [agg() for _ in range(layers)]
         self.kv_groups = [agg() for _ in range(layers)]
         self.neurons = [agg() for _ in range(layers)]
@@ -134,7 +137,8 @@ class Recorder:
 
         for i, layer in enumerate(base.layers):
             for j, path in enumerate(family.layer_norms):
-                self._hook(layer.get_submodule(path), self._norm_hook(self.norms[i * len(family.layer_norms) + j]))
+                k = i * len(family.layer_norms) + j
+                self._hook(layer.get_submodule(path), self._norm_hook(self.norms[k], self.norm_energy[k]))
             self._pre_hook(layer.get_submodule(family.attn_out), self._heads_hook(i))
             if family.is_moe:
                 moe = layer.get_submodule(family.moe)
@@ -143,7 +147,7 @@ class Recorder:
             else:
                 self._pre_hook(layer.get_submodule(family.mlp_down), self._neurons_hook(i))
             self._handles.append(layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
-        self._hook(base.norm, self._norm_hook(self.norms[-1]))
+        self._hook(base.norm, self._norm_hook(self.norms[-1], self.norm_energy[-1]))
 
     def _hook(self, module: nn.Module, fn) -> None:
         self._handles.append(module.register_forward_hook(fn))
@@ -161,10 +165,12 @@ class Recorder:
     # Hook factories: each returns a closure bound to its accumulator; they reduce on the device at once,
     # so no activation outlives the hook and nothing synchronises with the host.
 
-    def _norm_hook(self, acc: BatchAgg):
+    def _norm_hook(self, acc: BatchAgg, energy: BatchAgg):
         def hook(module, args, output):
             if self.active:
                 acc.add(reduce_seq(output, self.seq_agg))
+                x = args[0]
+                energy.add(torch.linalg.vector_norm(x, ord=2, dim=1, dtype=torch.float32).square() / x.shape[1])
 
         return hook
 
@@ -251,7 +257,10 @@ class Recorder:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The scores, keyed as in docs/CONTRACTS.md, on the CPU."""
-        out: dict[str, torch.Tensor] = {"hidden": torch.stack([a.result() for a in self.norms]).sum(0)}
+        out: dict[str, torch.Tensor] = {
+            "hidden": torch.stack([a.result() for a in self.norms]).sum(0),
+            "norm_energy": torch.stack([a.result() for a in self.norm_energy]),
+        }
         for i in range(len(self.heads)):
             out[f"heads.{i}"] = self.heads[i].result()
             out[f"kv_groups.{i}"] = self.kv_groups[i].result()

@@ -21,6 +21,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,9 @@ class Plan:
     hidden: list[int]
     layers: list[LayerPlan]
     scores: dict[str, Any] = field(default_factory=dict)  # digest of the scores it was made from
+    # One factor per teacher norm over the embedding channels (layer by layer in the family's order, then
+    # the final norm) that its weight is multiplied by; empty: none rescaled (see `norm_scales`).
+    norm_scale: list[float] = field(default_factory=list)
 
     @property
     def dropped_layers(self) -> list[int]:
@@ -221,6 +225,7 @@ class Plan:
             "hidden": self.hidden,
             "layers": [vars(layer) for layer in self.layers],
             "scores": self.scores,
+            "norm_scale": self.norm_scale,
         }
 
     @classmethod
@@ -234,8 +239,9 @@ class Plan:
                 hidden=list(data["hidden"]),
                 layers=[LayerPlan(**layer) for layer in data["layers"]],
                 scores=dict(data.get("scores", {})),
+                norm_scale=[float(x) for x in data.get("norm_scale", [])],
             )
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise UserError(f"not a minitron plan ({type(e).__name__}: {e})", where=where) from None
         plan.check(where)
         return plan
@@ -263,6 +269,10 @@ class Plan:
                 raise UserError(f"{what} must be {size} distinct indices below {limit}", where=where)
 
         indices(self.hidden, s.hidden, t.hidden, "hidden")
+        if self.norm_scale and (
+            len(self.norm_scale) != norm_count(t) or not all(0 < x < math.inf for x in self.norm_scale)
+        ):
+            raise UserError(f"norm_scale must be {norm_count(t)} positive finite factors", where=where)
         indices([layer.source for layer in self.layers], s.layers, t.layers, "layer sources")
         per_group = t.heads // t.kv_heads
         for layer in self.layers:
@@ -316,6 +326,35 @@ class _ScoreReader:
         if not torch.isfinite(value).all():
             raise UserError(f"scores {key!r} contain NaN or inf", where="--scores", fix="recompute the scores")
         return value
+
+
+def norm_count(teacher: Shape) -> int:
+    """How many norms act over the embedding channels: each layer's, then the final one."""
+    return teacher.layers * len(teacher.family.layer_norms) + 1
+
+
+def norm_scales(teacher: Shape, hidden: list[int], reader: _ScoreReader) -> list[float]:
+    """The factor for each RMSNorm's weight when only the ``hidden`` embedding channels remain.
+
+    An RMSNorm divides by the root mean square of *all* its input channels. Removing channels changes that
+    divisor: keeping the channels that carry the most energy (what activation importance keeps) makes the
+    mean square over the kept ones larger than over all, and every normalised activation downstream smaller
+    than the weights after the norm were trained for. Multiplying the norm's weight by
+    ``√(mean over kept of E / mean over all of E)``, where ``E`` is each channel's mean square at the norm's
+    input on the calibration tokens (scores key ``norm_energy``), gives the kept channels the scale they had
+    in the teacher, on average over tokens (exactly, for channels that carry nothing). Its effect on the
+    held-out loss, cut by cut, is measured in ``benchmarks/results/unit_ranking.md`` (the column *norms not
+    rescaled*) and after distillation in ``benchmarks/results/peers_prune_*.md``.
+
+    Empty when nothing is rescaled: the embedding is whole, the family's norms are not RMSNorms, or the
+    scores predate ``norm_energy``.
+    """
+    if len(hidden) == teacher.hidden or not teacher.family.rms_norms or not reader.has("norm_energy"):
+        return []
+    energy = reader.get("norm_energy", (norm_count(teacher), teacher.hidden), "--hidden-size").double()
+    kept, whole = energy[:, hidden].mean(1), energy.mean(1)
+    scale = torch.where((kept > 0) & (whole > 0), kept / whole.clamp(min=1e-300), 1.0).sqrt()
+    return [float(x) for x in scale]
 
 
 def scores_digest(scores: Any) -> dict[str, Any]:
@@ -409,7 +448,7 @@ def make_plan(
             else:
                 neurons = _top(reader.get(f"neurons.{i}", (teacher.ffn,), "--ffn-size"), student.ffn)
         layers.append(LayerPlan(source=i, heads=heads, kv_groups=groups, neurons=neurons, experts=experts))
-    plan = Plan(teacher, student, hidden, layers, scores=scores_digest(scores))
+    plan = Plan(teacher, student, hidden, layers, scores_digest(scores), norm_scales(teacher, hidden, reader))
     plan.check()
     return plan
 

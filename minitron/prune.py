@@ -125,7 +125,23 @@ def slice_tensor(
             _select(read(expert), spec.axes[1:], axis_indices(plan, layer, k)) for k, expert in enumerate(layer.experts)
         ]
         return torch.stack(parts)
-    return _select(read(slice(None)), spec.axes, axis_indices(plan, layer))
+    tensor = _select(read(slice(None)), spec.axes, axis_indices(plan, layer))
+    scale = norm_scale(plan, spec, layer)
+    return tensor if scale is None else (tensor.float() * scale).to(tensor.dtype)
+
+
+def norm_scale(plan: Plan, spec: Tensor, layer: LayerPlan | None) -> float | None:
+    """The plan's factor for ``spec`` when it is the weight of a norm over the embedding channels
+    (:func:`minitron.plan.norm_scales`), else ``None``."""
+    if not plan.norm_scale:
+        return None
+    norms = plan.teacher.family.layer_norms
+    if layer is None:
+        return plan.norm_scale[-1] if spec.name == "model.norm.weight" else None
+    name = spec.name.removesuffix(".weight")
+    if name == spec.name or name not in norms:
+        return None
+    return plan.norm_scale[layer.source * len(norms) + norms.index(name)]
 
 
 @dataclass(frozen=True)

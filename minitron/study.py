@@ -175,17 +175,23 @@ def magnitude_scores(model: Any, like: Any) -> Any:
     return Scores({**like.tensors, **{k: v.sqrt() for k, v in sums.items()}}, {**like.meta, "method": "weight magnitude"})
 
 
+# Measurements of the calibration data rather than rankings of units: the other rankings keep them as they are
+# (the pruner rescales the remaining norms by them whichever units a ranking keeps).
+MEASURED = ("norm_energy",)
+
+
 def random_scores(like: Any, seed: int) -> Any:
     from minitron.importance import Scores
 
     g = torch.Generator().manual_seed(seed)
-    return Scores({k: torch.rand(v.shape, generator=g) for k, v in like.tensors.items()}, {"method": f"random {seed}"})
+    tensors = {k: v if k in MEASURED else torch.rand(v.shape, generator=g) for k, v in like.tensors.items()}
+    return Scores(tensors, {"method": f"random {seed}"})
 
 
 def inverted_scores(like: Any) -> Any:
     from minitron.importance import Scores
 
-    return Scores({k: -v for k, v in like.tensors.items()}, {"method": "inverted activation"})
+    return Scores({k: v if k in MEASURED else -v for k, v in like.tensors.items()}, {"method": "inverted activation"})
 
 
 # --- one student ----------------------------------------------------------------------------------------------

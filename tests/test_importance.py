@@ -65,7 +65,9 @@ def test_score_keys_and_shapes(family_name):
     model = tiny_model(family_name)
     shape = Shape.from_config(model.config)
     s = scores_of(model, layer_loss=True)
+    norms = shape.layers * len(shape.family.layer_norms) + 1
     expected = {"hidden": (shape.hidden,), "blocks": (shape.layers,), "layer_loss": (shape.layers,)}
+    expected["norm_energy"] = (norms, shape.hidden)
     for i in range(shape.layers):
         expected |= {f"heads.{i}": (shape.heads,), f"kv_groups.{i}": (shape.kv_heads,)}
         if shape.experts:
@@ -103,7 +105,9 @@ def test_scores_are_deterministic_for_a_seed():
 )
 def test_hooked_scores_equal_naive_scores_from_stored_activations(name, batch_agg, seq_agg):
     """Hooks aggregate on the fly; here every activation is kept and aggregated afterwards. Nemotron: its
-    neurons are down_proj's input, relu²(up(x)), and its channels LayerNorm1P's outputs (bias included)."""
+    neurons are down_proj's input, relu²(up(x)), and its channels LayerNorm1P's outputs (bias included).
+    ``norm_energy``: each norm's input, its mean square per channel over every token, whatever the
+    aggregations (in forward order: each layer's norms, then the final one)."""
     model = tiny_model(name)
     shape = Shape.from_config(model.config)
     data = blocks()
@@ -114,7 +118,9 @@ def test_hooked_scores_equal_naive_scores_from_stored_activations(name, batch_ag
         layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: kept["down"].append(a[0])),
     ]
     norms = [m for n, m in model.named_modules() if n.endswith("norm")]
-    handles += [n.register_forward_hook(lambda m, a, o, i=i: kept["norms"].append((i, o))) for i, n in enumerate(norms)]
+    handles += [
+        n.register_forward_hook(lambda m, a, o, i=i: kept["norms"].append((i, o, a[0]))) for i, n in enumerate(norms)
+    ]
     with torch.no_grad():
         for start in range(0, len(data), 2):
             model(data[start : start + 2])
@@ -132,11 +138,14 @@ def test_hooked_scores_equal_naive_scores_from_stored_activations(name, batch_ag
 
     o = torch.cat(kept["o"])
     per_head = o.view(*o.shape[:2], shape.heads, shape.head_dim).norm(dim=-1)
-    hidden = sum(naive(torch.cat([out for j, out in kept["norms"] if j == i])) for i in range(len(norms)))
+    hidden = sum(naive(torch.cat([out for j, out, _ in kept["norms"] if j == i])) for i in range(len(norms)))
+    inputs = [torch.cat([x for j, _, x in kept["norms"] if j == i]) for i in range(len(norms))]
+    energy = torch.stack([x.square().mean((0, 1)) for x in inputs])
     s = scores_of(model, data, batch_agg=batch_agg, seq_agg=seq_agg)
     torch.testing.assert_close(s["heads.1"], naive(per_head), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(s["neurons.1"], naive(torch.cat(kept["down"])), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(s["hidden"], hidden, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s["norm_energy"], energy, rtol=1e-4, atol=1e-6)
 
 
 # --- invariants: a unit that does nothing scores nothing ---------------------------------------------------------

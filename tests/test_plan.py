@@ -11,7 +11,16 @@ from minitron.errors import UserError
 from minitron.families import Shape
 from minitron.inputs import read_config
 from minitron.importance import Scores
-from minitron.plan import LayerPlan, Plan, identity_plan, layer_ranges, make_plan, parse_layers, student_shape
+from minitron.plan import (
+    LayerPlan,
+    Plan,
+    identity_plan,
+    layer_ranges,
+    make_plan,
+    norm_count,
+    parse_layers,
+    student_shape,
+)
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
 
@@ -196,13 +205,57 @@ def test_plan_json_round_trip(tmp_path, family_name):
     teacher = tiny_shape(family_name)
     changes = dict(hidden=48, heads=2, kv_heads=1, layers=3)
     changes.update(dict(experts=2, expert_ffn=16) if teacher.experts else dict(ffn=64))
-    scores = random_scores(teacher)
+    energy = torch.rand(norm_count(teacher), teacher.hidden, generator=torch.Generator().manual_seed(1))
+    scores = random_scores(teacher, norm_energy=energy)
     plan = make_plan(teacher, student_shape(teacher, **changes), scores)
+    assert len(plan.norm_scale) == (norm_count(teacher) if teacher.family.rms_norms else 0)
     plan.save(tmp_path / "plan.json")
     again = Plan.load(tmp_path / "plan.json")
     assert again == plan
     assert again.scores["sha256"] == scores.digest
     assert json.loads((tmp_path / "plan.json").read_text())["dropped_layers"] == plan.dropped_layers
+
+
+# --- rescaling the norms that remain ----------------------------------------------------------------------------
+
+
+def test_norm_scale_is_the_root_of_the_kept_channels_mean_square_over_all_channels():
+    teacher = tiny_shape("llama")  # 64 channels, 4 layers: 9 norms
+    energy = torch.rand(norm_count(teacher), teacher.hidden, generator=torch.Generator().manual_seed(0)) + 0.1
+    energy[3, :8] = 50.0  # norm 3: the kept channels carry most of the energy
+    hidden = torch.arange(teacher.hidden).float()
+    hidden[:8] += 100  # channels 0-7 kept first
+    scores = random_scores(teacher, hidden=hidden, norm_energy=energy)
+    plan = make_plan(teacher, student_shape(teacher, hidden=16), scores)
+    kept = torch.tensor(plan.hidden)
+    assert kept[:8].tolist() == list(range(8))
+    expected = (energy[:, kept].double().mean(1) / energy.double().mean(1)).sqrt()
+    torch.testing.assert_close(torch.tensor(plan.norm_scale, dtype=torch.float64), expected)
+    # A norm whose energy the kept channels hold is scaled up, at most by √(64 / 16) (all of it kept).
+    assert 1.5 < plan.norm_scale[3] <= 2
+
+
+def test_norms_are_not_rescaled_without_energies_a_whole_embedding_or_layer_norms():
+    llama, nemotron = tiny_shape("llama"), tiny_shape("nemotron")
+    energy = lambda shape: torch.rand(norm_count(shape), shape.hidden) + 0.1  # noqa: E731
+    assert make_plan(llama, student_shape(llama, hidden=16), random_scores(llama)).norm_scale == []  # older scores
+    narrower = student_shape(llama, ffn=32)
+    assert make_plan(llama, narrower, random_scores(llama, norm_energy=energy(llama))).norm_scale == []
+    # Nemotron's LayerNorm1P subtracts the mean: no factor on its weight gives the kept channels their scale.
+    scores = random_scores(nemotron, norm_energy=energy(nemotron))
+    plan = make_plan(nemotron, student_shape(nemotron, hidden=16), scores)
+    assert plan.norm_scale == []
+
+
+def test_energies_of_another_shape_and_bad_factors_are_refused(tmp_path):
+    teacher = tiny_shape("llama")
+    with pytest.raises(UserError, match="norm_energy"):
+        make_plan(teacher, student_shape(teacher, hidden=16), random_scores(teacher, norm_energy=torch.rand(3, 64)))
+    data = make_plan(teacher, student_shape(teacher, hidden=16), random_scores(teacher)).to_dict()
+    for bad in ([1.0] * 3, [0.0] * norm_count(teacher), ["x"] * norm_count(teacher)):
+        (tmp_path / "plan.json").write_text(json.dumps({**data, "norm_scale": bad}))
+        with pytest.raises(UserError):
+            Plan.load(tmp_path / "plan.json")
 
 
 def test_a_tampered_plan_is_refused(tmp_path):

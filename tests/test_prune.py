@@ -46,7 +46,8 @@ from tiny import FAMILY_NAMES, save_tiny, tiny_model, tiny_tokenizer
 
 from minitron.errors import UserError
 from minitron.families import FAMILIES, Shape, family_of
-from minitron.plan import identity_plan, make_plan, student_shape
+from minitron.importance import compute_scores
+from minitron.plan import identity_plan, make_plan, norm_count, student_shape
 from minitron.prune import prune_checkpoint, prune_model, write_safetensors
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
@@ -62,11 +63,15 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def teacher_and_plan(name, seed=0, **flags):
+def teacher_and_plan(name, seed=0, energies=False, **flags):
+    """A tiny teacher and a plan from random scores; ``energies``: random ``norm_energy`` too, so the plan
+    rescales the norms (RMSNorm families)."""
     model = tiny_model(name)
     teacher = Shape.from_config(model.config)
     drop = flags.pop("drop_layers", None)
-    plan = make_plan(teacher, student_shape(teacher, drop_layers=drop, **flags), random_scores(teacher, seed), drop)
+    extra = {"norm_energy": torch.rand(norm_count(teacher), teacher.hidden) + 0.1} if energies else {}
+    scores = random_scores(teacher, seed, **extra)
+    plan = make_plan(teacher, student_shape(teacher, drop_layers=drop, **flags), scores, drop)
     return model, plan
 
 
@@ -220,6 +225,31 @@ def test_embedding_channels_equal_zeroed_channels_with_rescaled_norms(family_nam
     close(logits(student), reference)
 
 
+def test_norm_energies_make_the_pruner_rescale_exactly_that(family_name):
+    """The same equivalence with the factor the plan computes from measured ``norm_energy``
+    (:func:`minitron.plan.norm_scales`): the dropped channels carry nothing, so ``√(mean kept / mean all)``
+    of their mean squares is ``√(D/D')``, and the student needs no hand rescaling (to make the
+    result exact, ε = 0 here, since the pruner cannot scale it: it is one config field for all norms. On
+    these tiny random models it is a few percent of the mean square; on trained ones, far less). LayerNorm families
+    get no factor."""
+    model = tiny_model(family_name, rms_norm_eps=0.0)
+    teacher = Shape.from_config(model.config)
+    plan = make_plan(teacher, student_shape(teacher, hidden=40), random_scores(teacher))
+    zero_dropped_channels(model, plan)
+    reference = logits(model)
+    scores = compute_scores(model, IDS, batch_size=2, show_progress=False)
+    measured = make_plan(plan.teacher, plan.student, scores)
+    assert measured.hidden == plan.hidden  # the zeroed channels score 0, so they are the ones removed
+    student = prune_model(model, measured)
+    if not plan.teacher.family.rms_norms:
+        assert measured.norm_scale == []
+        return
+    factor = (plan.teacher.hidden / plan.student.hidden) ** 0.5
+    torch.testing.assert_close(torch.tensor(measured.norm_scale), torch.full((norm_count(plan.teacher),), factor))
+    close(logits(student), reference)
+    assert not torch.allclose(logits(prune_model(model, plan)), reference, atol=1e-3)  # the same cut, no factor
+
+
 def test_embedding_channels_equal_layer_norms_over_kept_channels():
     """Nemotron (LayerNorm1P: weight + 1, with bias); see the module docstring."""
     model, plan = teacher_and_plan("nemotron", hidden=40)
@@ -289,7 +319,8 @@ def test_streamed_is_byte_identical_to_in_memory(tmp_path, family_name, dtype):
     in-memory → on-disk conversion is the reference for the per-expert names (Qwen3-MoE)."""
     if dtype == torch.bfloat16 and family_name not in ("llama", "granitemoe", "qwen3_moe"):
         pytest.skip("bf16 once per kind of model is enough")
-    model, plan = teacher_and_plan(family_name, **shrink_everything(family_name))
+    model, plan = teacher_and_plan(family_name, energies=True, **shrink_everything(family_name))
+    assert bool(plan.norm_scale) == plan.teacher.family.rms_norms
     model = model.to(dtype)
     model.save_pretrained(tmp_path / "teacher", max_shard_size="40KB")
     assert len(list((tmp_path / "teacher").glob("*.safetensors"))) > 1

@@ -4,13 +4,15 @@ rests on (keeping the most important units beats keeping the least important one
 import json
 
 import pytest
+import torch
 from clirun import assert_user_error, minitron
 
 from minitron import assets
 from minitron.data import token_blocks
 from minitron.errors import UserError
 from minitron.search_scoring import short_distill
-from minitron.study import QUICK, parity, run_study
+from minitron.importance import Scores
+from minitron.study import QUICK, inverted_scores, parity, random_scores, run_study
 from test_evaluate import byte_tokenizer
 from tiny import tiny_model
 
@@ -75,6 +77,16 @@ def test_workers_give_the_same_numbers(teacher, study, tmp_path):
     parallel = run_study(tmp_path / "out", teacher=teacher / "teacher", text=teacher / "text.jsonl", quick=True, workers=2)
     one, two = (json.loads((d / "results.json").read_text()) for d in (study, parallel))
     assert one["results"] == two["results"] and two["machine"]["workers"] == 2
+
+
+def test_other_rankings_keep_the_measured_norm_energies():
+    """Random and inverted rankings replace every ranking of units, not the norms' calibration energies, which
+    the pruner rescales by whichever units are kept (a random or negated energy would make a random scale)."""
+    like = Scores({"hidden": torch.rand(8), "neurons.0": torch.rand(16), "norm_energy": torch.rand(3, 8) + 1}, {})
+    for other in (random_scores(like, 0), inverted_scores(like)):
+        assert torch.equal(other["norm_energy"], like["norm_energy"])
+        assert not torch.equal(other["hidden"], like["hidden"])
+        assert not torch.equal(other["neurons.0"], like["neurons.0"])
 
 
 def test_parity_measured_extrapolated_or_not_reached():

@@ -322,7 +322,9 @@ def markdown(record: dict) -> list[str]:
         "",
         f"Held-out loss: mean next-token cross-entropy (nats) on {s['heldout']} blocks × {SEQ_LEN} tokens of "
         "WikiText-2 *valid* articles, each model loaded with stock `AutoModelForCausalLM` (float32). "
-        f"Importance: {s['samples']} calibration blocks of the shipped WikiText-2 train articles. Distillation: "
+        f"Importance: {s['samples']} calibration blocks of the shipped WikiText-2 train articles; minitron's "
+        "pruner rescales each RMSNorm that remains by its calibration energy in the kept channels "
+        "(`minitron.plan.norm_scales`). Distillation: "
         f"`minitron distill`, the same recipe for every student: forward KL at τ = 1 from its teacher, {s['steps']} "
         f"steps × {s['batch']} × {SEQ_LEN} tokens of the same train articles, AdamW lr {s['lr']} (cosine to a tenth, "
         f"10 % warm-up), fp32; after distillation: mean ± std over {s.get('seeds', 1)} data-order seeds (0, 1, …) "

@@ -16,12 +16,16 @@ whole), in steps of 1/16 down to half, choosing the units by
   it alone is removed (zeroed in every weight that reads or writes it), measured on 16 calibration blocks
   rather than estimated from activations or weights. It is what a score of single channels tries to know;
   where activations beat it, how channels act together decides the cut, which it cannot see;
+* for embedding channels, the default's channels cut without rescaling the RMSNorms that remain (what
+  ``minitron prune`` did before ``norm_energy``): the rescaling's own effect at each cut;
 
-and scores each pruned model, right after pruning, on the held-out WikiText-2 *valid* blocks that the
-comparison uses. Given ``--shape HIDDEN,FFN`` for a teacher (the shape torch-pruning produced for it), it also
-cuts both axes at once to that shape, with each pair of rankings: activations for both (minitron's default),
-magnitude for both (torch-pruning's criterion), and magnitude or measured cost for the embedding channels
-with activations for the neurons. A unigram model of the calibration text (token frequencies, nothing else)
+and cuts each ranking's units with ``minitron prune``'s code (which rescales the remaining RMSNorms by the
+calibration energy of the kept channels), then scores each pruned model, right after pruning, on the held-out
+WikiText-2 *valid* blocks that the comparison uses. Given ``--shape HIDDEN,FFN`` for a teacher (the shape
+torch-pruning produced for it), it also cuts both axes at once to that shape, with each pair of rankings:
+activations for both (minitron's default, with and without the norms rescaled), magnitude for both
+(torch-pruning's criterion), and magnitude or measured cost for the embedding channels with activations for
+the neurons. A unigram model of the calibration text (token frequencies, nothing else)
 is the line at which a pruned model has kept nothing of its teacher's use of context.
 
 Run by hand (about 15 minutes per teacher on one CPU core); the committed results::
@@ -52,14 +56,16 @@ CALIBRATION = 1024  # `minitron importance --samples` default
 SEEDS = 3
 RANKINGS = ("activation (default)", "activation, seq L2", "weight magnitude")
 ALONE = "one channel at a time"
+PLAIN = "activation, norms not rescaled"
 AXES = {"hidden": "embedding channels", "ffn": "MLP neurons (every layer)"}
-NAMED = {"hidden": (*RANKINGS, ALONE), "ffn": RANKINGS}  # the rankings each axis's table compares
+NAMED = {"hidden": (*RANKINGS, ALONE, PLAIN), "ffn": RANKINGS}  # the rankings each axis's table compares
 MIXED = "magnitude channels, activation neurons"
 JOINT = {  # both axes cut at once: ranking -> (embedding channels, MLP neurons) ranked by
     "activation (default)": "activation / activation (minitron's default)",
     "weight magnitude": "weight magnitude / weight magnitude (torch-pruning's criterion)",
     MIXED: "weight magnitude / activation",
     ALONE: "one channel at a time / activation",
+    PLAIN: "activation / activation, norms not rescaled",
 }
 ALONE_BLOCKS = 16
 
@@ -129,6 +135,9 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
         activation["mean"], tensors={**activation["mean"].tensors, "hidden": rankings["weight magnitude"]["hidden"]}
     )
     rankings |= {f"random {seed}": random_scores(activation["mean"], seed) for seed in range(SEEDS)}
+    # The default's channels, cut as minitron did before it rescaled the norms that remain (no norm energies).
+    plain = {k: v for k, v in activation["mean"].tensors.items() if k != "norm_energy"}
+    rankings[PLAIN] = dataclasses.replace(activation["mean"], tensors=plain)
 
     def loss(student, scores) -> float:  # held-out loss of the teacher pruned to ``student`` by ``scores``
         return round(common.lm_loss(prune_model(model, make_plan(shape, student, scores)), heldout), 4)
@@ -193,9 +202,12 @@ def markdown(record: dict) -> list[str]:
         f"WikiText-2 *valid* articles. Activation importance on {s['samples']} calibration blocks × "
         f"{s['seq_len']} tokens of the shipped train articles. Random: mean ± std over {s['seeds']} seeds, the "
         "noise floor of a comparison at that cut. One channel at a time: each embedding channel ranked by the "
-        f"loss it adds on {s['alone_blocks']} calibration blocks when it alone is removed. **Bold**: the lowest "
-        "of the rankings where it leads the next by more than the random spread. Unigram: the loss of token "
-        "frequencies alone.",
+        f"loss it adds on {s['alone_blocks']} calibration blocks when it alone is removed. Every ranking's "
+        "units are cut by minitron's pruner, which multiplies each RMSNorm that remains by the root of its "
+        "input's mean square over the kept channels relative to all, measured on the calibration blocks "
+        "(`minitron.plan.norm_scales`); *norms not rescaled*: the default's channels cut without that. "
+        "**Bold**: the lowest of the rankings where it leads the next by more than the random spread. "
+        "Unigram: the loss of token frequencies alone.",
     ]
     for t in record["teachers"]:
         sh = t["shape"]
