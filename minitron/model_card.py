@@ -49,6 +49,16 @@ def _shape_rows(plan: Plan) -> list[tuple[Any, ...]]:
     return rows
 
 
+def _rescaled(plan: Plan) -> str:
+    if not plan.norm_scale:
+        return ""
+    low, high = min(plan.norm_scale), max(plan.norm_scale)
+    return (
+        f" The weights of the {len(plan.norm_scale)} RMSNorms over the embedding channels were multiplied by its "
+        f"`norm_scale` factors ({low:.3f}–{high:.3f}), from the calibration energy of the channels kept."
+    )
+
+
 def write(path: str | Path, plan: Plan, *, teacher: str, command: str | None) -> None:
     """Write the card of a freshly pruned checkpoint to ``path`` (README.md)."""
     front = {"library_name": "transformers", "tags": ["minitron", "pruned", plan.teacher.model_type]}
@@ -73,7 +83,7 @@ def write(path: str | Path, plan: Plan, *, teacher: str, command: str | None) ->
             ("", ""),
         ),
         _table(_shape_rows(plan), ("", "teacher", "student")),
-        "The kept indices of every axis and layer are in `plan.json` beside this card.",
+        "The kept indices of every axis and layer are in `plan.json` beside this card." + _rescaled(plan),
         "## Importance scores",
         (
             _table([("sha256 of the score tensors", scores["sha256"])] + sorted(scores.get("meta", {}).items()), ("", ""))

@@ -2,12 +2,13 @@
 
 import json
 
+import torch
 import yaml
 from test_evaluate import PRUNED_CARD
 from test_plan import random_scores, tiny_shape
 
 from minitron import model_card
-from minitron.plan import make_plan, student_shape
+from minitron.plan import make_plan, norm_count, student_shape
 
 
 def pruned_plan():
@@ -30,6 +31,19 @@ def test_card_records_teacher_shape_scores_command_and_versions(tmp_path):
     assert f"| params total | {plan.teacher.counts()['total']:,} | {plan.student.counts()['total']:,} |" in text
     assert scores.digest in text and "wiki.txt" in text
     assert "| torch |" in text and "| transformers |" in text
+
+
+def test_card_names_the_norm_factors_when_the_embedding_was_cut(tmp_path):
+    plan, _ = pruned_plan()
+    model_card.write(tmp_path / "README.md", plan, teacher="t", command=None)
+    assert "norm_scale" not in (tmp_path / "README.md").read_text()  # hidden whole: nothing rescaled
+    teacher = tiny_shape("llama")
+    energy = torch.rand(norm_count(teacher), teacher.hidden, generator=torch.Generator().manual_seed(0)) + 0.1
+    plan = make_plan(teacher, student_shape(teacher, hidden=32), random_scores(teacher, norm_energy=energy))
+    model_card.write(tmp_path / "README.md", plan, teacher="t", command=None)
+    text = (tmp_path / "README.md").read_text()
+    low, high = min(plan.norm_scale), max(plan.norm_scale)
+    assert "The weights of the 9 RMSNorms over the embedding channels" in text and f"({low:.3f}–{high:.3f})" in text
 
 
 def test_local_teacher_is_not_claimed_as_a_hub_model(tmp_path):
