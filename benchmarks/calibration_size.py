@@ -93,7 +93,8 @@ def markdown(record: dict) -> list[str]:
         f"{record['seq_len']} tokens, right after pruning. Calibration: blocks of {record['seq_len']} tokens "
         f"sampled from the training documents ({record['text']}), one sample per seed.",
         "",
-        f"Weight magnitude (reads no text): **{m:.3f}**.",
+        f"Weight magnitude (its ranking reads no text; the RMSNorms that remain are rescaled by calibration "
+        f"energies, as in every row: those of the last sample): **{m:.3f}**.",
         "",
         "| calibration blocks (tokens) | aggregation | held-out loss, mean ± std over seeds | − magnitude |",
         "|---|---|---|---|",
