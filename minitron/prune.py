@@ -469,6 +469,7 @@ def run(
     if calibration is None:
         # Made now, before any weight is read, so that missing scores are reported at once.
         plan = make_plan(teacher, student, scores, drop_layers)
+        note_unscaled(scores, teacher, student.hidden < teacher.hidden, scores_file)
     else:
         scores = calibrate(src, calibration, trust_remote_code)
         plan = make_plan(teacher, student, scores, drop_layers)
@@ -478,6 +479,17 @@ def run(
     )  # fmt: skip
     info.update(out=str(out), dropped_layers=plan.dropped_layers)
     return info
+
+
+def note_unscaled(scores: Any, teacher: Shape, cuts_hidden: bool, where: Any) -> None:
+    """Say so, once all checks have passed, when scores from before ``norm_energy`` existed will cut embedding
+    channels of an RMSNorm family: the norms that remain are then not rescaled (``plan.norm_scales``)."""
+    if scores is None or not cuts_hidden or not teacher.family.rms_norms or "norm_energy" in scores.tensors:
+        return
+    from minitron.artifacts import note
+
+    note(f"{where} has no norm_energy (scores from an older minitron): the RMSNorms that remain are not rescaled "
+         "for the embedding channels cut; recompute the scores with `minitron importance` to have them rescaled")
 
 
 def _load_scores(path: str | Path, teacher: Shape) -> Any:

@@ -211,6 +211,7 @@ def run(
             where="--calib",
             fix="pass --calib DATA; or --scores FILE with --top-k-candidates 1 to take the first candidate unranked",
         )
+    pruning.note_unscaled(scores, teacher, any(c.shape.hidden < teacher.hidden for c in shortlist), scores_file)
 
     device = _device()
     record_heldout = None

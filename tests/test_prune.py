@@ -547,8 +547,10 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     for name in ("llama", "granitemoe"):
         save_tiny(name, root / name)
-    scores = random_scores(Shape.from_config(tiny_model("llama").config))
-    scores.save(root / "scores.safetensors")
+    llama = Shape.from_config(tiny_model("llama").config)
+    random_scores(llama).save(root / "scores.safetensors")  # as an older minitron wrote them: no norm_energy
+    energy = torch.rand(norm_count(llama), llama.hidden) + 0.1
+    random_scores(llama, norm_energy=energy).save(root / "scores-energy.safetensors")
     random_scores(Shape.from_config(tiny_model("mistral").config)).save(root / "mistral-scores.safetensors")
     return root
 
@@ -566,6 +568,24 @@ def test_cli_prunes_with_saved_scores(tmp_path, checkpoints):
     assert (model.config.hidden_size, model.config.num_attention_heads, model.config.num_hidden_layers) == (48, 2, 3)
     card = (out / "README.md").read_text()
     assert "--scores" in card and json.loads((out / "plan.json").read_text())["scores"]["sha256"] in card
+
+
+def test_cli_notes_scores_without_norm_energies_once_checks_pass(tmp_path, checkpoints):
+    """Scores from before ``norm_energy``: the prune goes ahead, unrescaled, with one note saying how to get the
+    rescaling; none with current scores, none when no embedding channel is cut."""
+    old, new = checkpoints / "scores.safetensors", checkpoints / "scores-energy.safetensors"
+    for scores, hidden, noted in ((old, 48, True), (new, 48, False), (old, 64, False)):
+        out = tmp_path / f"{scores.stem}-{hidden}"
+        result = cli(checkpoints / "llama", "-o", out, "--hidden-size", hidden, "--ffn-size", 64, "--scores", scores)
+        assert result.returncode == 0, result.stderr
+        assert ("note:" in result.stderr and "norm_energy" in result.stderr) == noted, result.stderr
+        rescaled = json.loads((out / "plan.json").read_text())["norm_scale"]
+        assert len(rescaled) == (norm_count(Shape.from_config(tiny_model("llama").config)) if scores == new else 0)
+    out = tmp_path / "refused"
+    (out / "x").parent.mkdir()
+    (out / "x").write_text("")  # an existing output: refused in one line, the note never printed
+    result = cli(checkpoints / "llama", "-o", out, "--hidden-size", 48, "--scores", old)
+    assert result.returncode == 2 and "note:" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_computes_scores_on_the_fly(tmp_path):

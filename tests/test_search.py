@@ -132,10 +132,11 @@ def test_cli_search_end_to_end(tmp_path):
     assert_user_error(again, "already exists")
 
 
-def test_one_candidate_from_saved_scores_needs_no_weights_loaded(tmp_path):
+def test_one_candidate_from_saved_scores_needs_no_weights_loaded(tmp_path, capsys):
     src = tiny_checkpoint(tmp_path, "granitemoe")
     teacher = AutoModelForCausalLM.from_pretrained(src)
-    compute_scores(teacher, tiny_ids(), batch_size=2, show_progress=False).save(tmp_path / "scores.safetensors")
+    scores = compute_scores(teacher, tiny_ids(), batch_size=2, show_progress=False)
+    scores.save(tmp_path / "scores.safetensors")
     shape = Shape.from_config(teacher.config)
     request = Request.parse(shape, target="0.6x", axes="width,experts")
     with pytest.raises(UserError, match="--calib"):  # five candidates cannot be ranked without data
@@ -146,6 +147,17 @@ def test_one_candidate_from_saved_scores_needs_no_weights_loaded(tmp_path):
     assert record["chosen"]["score"] is None and record["chosen"]["hidden"] == request.candidates()[0].shape.hidden
     assert not (tmp_path / "a").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert record["chosen"]["hidden"] < shape.hidden  # embedding channels cut, so the norms are rescaled
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["norm_scale"]
+    assert "note:" not in capsys.readouterr().err
+    # Scores as an older minitron wrote them (no norm_energy): the same student, unrescaled, and one note.
+    del scores.tensors["norm_energy"]
+    scores.save(tmp_path / "old.safetensors")
+    run(str(src), shape, request, Ranking(top_k=1), out=tmp_path / "c", scores_file=tmp_path / "old.safetensors",
+        show_progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "c" / "plan.json").read_text())["norm_scale"] == []
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "old.safetensors has no norm_energy" in err
 
 
 def test_a_destination_without_room_for_the_winner_is_refused_before_calibration(tmp_path, monkeypatch):
