@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitron.families import Shape
+from minitron.plan import norm_count
 
 AGGREGATIONS = ("mean", "l2", "var")
 
@@ -122,7 +123,7 @@ class Recorder:
         base = model.model
         agg = lambda: BatchAgg(batch_agg)  # noqa: E731
         layers = len(base.layers)
-        self.norms = [agg() for _ in range(layers * len(family.layer_norms) + 1)]
+        self.norms = [agg() for _ in range(norm_count(shape))]  # each layer's, then the final norm
         # Each norm's input, per channel: its mean square over every calibration token (how the pruner
         # rescales the norms that remain, see `minitron.plan.norm_scales`), whatever the aggregations.
         self.norm_energy = [BatchAgg("mean") for _ in self.norms]

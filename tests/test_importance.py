@@ -12,6 +12,7 @@ from minitron.errors import UserError
 from minitron.families import Shape
 from minitron.importance import Scores, compute_scores, score_checkpoint
 from minitron.importance_hooks import BatchAgg, Recorder, reduce_seq, reduce_seq_rows
+from minitron.plan import norm_count
 
 
 def blocks(samples=5, seq_len=12, seed=0):
@@ -65,9 +66,8 @@ def test_score_keys_and_shapes(family_name):
     model = tiny_model(family_name)
     shape = Shape.from_config(model.config)
     s = scores_of(model, layer_loss=True)
-    norms = shape.layers * len(shape.family.layer_norms) + 1
     expected = {"hidden": (shape.hidden,), "blocks": (shape.layers,), "layer_loss": (shape.layers,)}
-    expected["norm_energy"] = (norms, shape.hidden)
+    expected["norm_energy"] = (norm_count(shape), shape.hidden)
     for i in range(shape.layers):
         expected |= {f"heads.{i}": (shape.heads,), f"kv_groups.{i}": (shape.kv_heads,)}
         if shape.experts:
