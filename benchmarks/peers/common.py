@@ -80,21 +80,37 @@ def heldout_blocks(tokenizer, *, samples: int, seq_len: int):
     return token_blocks(tokenizer, texts, seq_len=seq_len, samples=samples, seed=0)
 
 
-def lm_loss(model, blocks, batch: int = 8) -> float:
-    """Mean next-token cross-entropy (nats per token) of ``model`` on ``blocks``."""
+def block_losses(model, blocks, batch: int = 8) -> list[float]:
+    """Mean next-token cross-entropy (nats per token) of ``model`` on each of ``blocks``: the samples that a
+    paired comparison of two models on the same blocks draws its standard error from."""
     import torch
     import torch.nn.functional as F
 
-    total, count = 0.0, 0
+    out: list[float] = []
     model.eval()
     with torch.no_grad():
         for i in range(0, len(blocks), batch):
             ids = blocks[i : i + batch]
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            labels = ids[:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
-            count += labels.numel()
-    return total / count
+            per_token = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out += per_token.double().mean(dim=1).tolist()
+    return out
+
+
+def lm_loss(model, blocks, batch: int = 8) -> float:
+    """Mean next-token cross-entropy (nats per token) of ``model`` on ``blocks`` (all of one length)."""
+    losses = block_losses(model, blocks, batch)
+    return sum(losses) / len(losses)
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired samples and its standard error (0 with a single pair)."""
+    import statistics
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired samples must match in number, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    return statistics.fmean(d), (statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0)
 
 
 def load_stock(path: Path):

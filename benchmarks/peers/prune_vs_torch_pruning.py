@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -158,7 +159,8 @@ def score(path: Path, blocks) -> dict:
     model, reason = common.load_stock(path)
     if model is None:
         return {"loads": False, "why": reason}
-    return {"loads": True, "params": common.count_params(model), "loss": common.lm_loss(model, blocks)}
+    losses = common.block_losses(model, blocks)
+    return {"loads": True, "params": common.count_params(model), "loss": statistics.fmean(losses), "blocks": losses}
 
 
 def distill(teacher: Path, student: Path, run: Path, text: Path, args, seed: int) -> Path:
@@ -194,13 +196,39 @@ def _unless_done(out: Path, *args: str, log: Path) -> float | None:
     return common.minitron_cli(*args, log=log)["wall_s"]
 
 
+def _timings(work: Path, measured: dict[str, float | None]) -> dict[str, float | None]:
+    """The wall seconds of each step, keyed by its output's name: this run's where it ran the step, else those
+    that ``WORK/timings.json`` kept from the run that made the output (None where no run recorded them)."""
+    path = work / "timings.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update({k: v for k, v in measured.items() if v is not None})
+    path.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    return {k: known.get(k) for k in measured}
+
+
 def _tp_done(out: Path, ratio: float) -> dict | None:
-    """The shape of a torch-pruning output an earlier run of this script wrote."""
+    """What ``tp_prune`` returned for the output an earlier run of this script wrote, read back from its config
+    and its tensors' shapes."""
+    from safetensors import safe_open
+
     if not (out / "config.json").is_file():
         return None
     c = json.loads((out / "config.json").read_text())
-    return {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "heads": c["num_attention_heads"],
-            "kv_heads": c["num_key_value_heads"], "ratio": ratio}  # fmt: skip
+    shape = {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "heads": c["num_attention_heads"],
+             "kv_heads": c["num_key_value_heads"]}  # fmt: skip
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    want = {"mlp.gate_proj": shape["ffn"], "self_attn.q_proj": shape["heads"] * head_dim,
+            "self_attn.k_proj": shape["kv_heads"] * head_dim}  # fmt: skip
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    uniform = all(
+        sizes[name][0] == want[part]
+        for name in sizes
+        for part in want
+        if name.endswith(f"{part}.weight")
+    )
+    params = sum(math.prod(s) for s in sizes.values())
+    return {**shape, "uniform": uniform, "params": params, "ratio": ratio}
 
 
 def compare(teacher: Path, work: Path, text: Path, args) -> dict:
@@ -284,7 +312,12 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
                 "tool": "minitron", "path": twin, "prune_s": seconds, "flags": " ".join(flags),
             }
 
+    timings = _timings(work, {scores.name: importance_s,
+                              **{Path(r["path"]).name: r["prune_s"] for r in rows.values() if "path" in r}})
+    importance_s = timings[scores.name]
     for name, row in rows.items():
+        if "path" in row:
+            row["prune_s"] = timings[Path(row["path"]).name]
         path = row.pop("path", None)
         if "error" in row:
             continue
@@ -313,6 +346,23 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
 # --- report -------------------------------------------------------------------------------------------------
 
 
+def versus(row: dict, peer: dict | None) -> str:
+    """``row``'s loss minus torch-pruning's, with standard errors: right after pruning paired over the held-out
+    blocks (both models read the same ones), after distillation paired over the data-order seeds (seed k of
+    both students sees the same batches)."""
+    if peer is None or row is peer or row.get("tool") != "minitron":
+        return ""
+    parts = []
+    if "blocks" in row.get("pruned", {}) and "blocks" in peer["pruned"]:
+        mean, se = common.paired_difference(row["pruned"]["blocks"], peer["pruned"]["blocks"])
+        parts.append(f"{mean:+.3f} ± {se:.3f}")
+    ours, theirs = row.get("distilled", {}).get("losses"), peer.get("distilled", {}).get("losses")
+    if ours and theirs and len(ours) == len(theirs):
+        mean, se = common.paired_difference(ours, theirs)
+        parts.append(f"{mean:+.3f} ± {se:.3f}")
+    return " / ".join(parts) if len(parts) == 2 else ""
+
+
 def markdown(record: dict) -> list[str]:
     s = record["settings"]
     lines = [
@@ -328,21 +378,26 @@ def markdown(record: dict) -> list[str]:
         f"`minitron distill`, the same recipe for every student: forward KL at τ = 1 from its teacher, {s['steps']} "
         f"steps × {s['batch']} × {SEQ_LEN} tokens of the same train articles, AdamW lr {s['lr']} (cosine to a tenth, "
         f"10 % warm-up), fp32; after distillation: mean ± std over {s.get('seeds', 1)} data-order seeds (0, 1, …) "
-        "of that recipe. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
+        "of that recipe. The last column: minitron's loss minus torch-pruning's (its keep-heads row) ± the standard "
+        "error of that difference, paired over the held-out blocks right after pruning and over the seeds after "
+        "distillation. torch-pruning: its LLM example's recipe (see the script's docstring), at the "
         "ratio that lands nearest minitron's parameter count with a hidden size transformers accepts. "
-        "The losses do not depend on the machine's load; the timings in the JSON do, and are null for steps "
-        "whose output an earlier run left in `--work` and this one reused.",
+        "The losses do not depend on the machine's load; the timings in the JSON do. They are those of the run "
+        "that made each output (a rerun over the same `--work` reuses the outputs there and the timings kept "
+        "beside them), null where none was recorded.",
     ]
     for t in record["teachers"]:
         lines += [
             "",
             f"{common.teacher_heading(t)}; {t['params']:,} parameters, held-out loss {t['loss']:.3f}",
             "",
-            "| method | shape (hidden / MLP / heads / KV) | parameters | Δ vs minitron 0.5x | loads with stock AutoModelForCausalLM "
-            "| loss after pruning | loss after distillation |",
-            "|---|---|---|---|---|---|---|",
+            "| method | shape (hidden / MLP / heads / KV) | parameters | Δ vs minitron 0.5x "
+            "| loads with stock AutoModelForCausalLM | loss after pruning | loss after distillation "
+            "| Δ loss vs torch-pruning: after pruning / after distillation |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         reference = t["rows"]["minitron --target 0.5x --axes width"].get("pruned", {}).get("params")
+        peer = next((r for r in t["rows"].values() if r.get("tool") == "torch-pruning" and "pruned" in r), None)
         for name, row in t["rows"].items():
             if "error" in row:
                 lines.append(f"| {name} | fails: `{row['error'].splitlines()[-1]}` | | | | | |")
@@ -359,8 +414,9 @@ def markdown(record: dict) -> list[str]:
             after = f"{distilled['loss']:.3f} ± {distilled.get('std', 0.0):.3f}" if distilled else ""
             lines.append(
                 f"| {name} | {shape['hidden']} / {shape['ffn']} / {shape['heads']} / {shape['kv_heads']} "
-                f"| {params:,} | {delta} | {loads} | {pruned.get('loss', float('nan')):.3f} | {after} |"
-                if params else f"| {name} | | | | {loads} | | |"
+                f"| {params:,} | {delta} | {loads} | {pruned.get('loss', float('nan')):.3f} | {after} "
+                f"| {versus(row, peer)} |"
+                if params else f"| {name} | | | | {loads} | | | |"
             )
     return lines
 
