@@ -55,8 +55,9 @@ class Settings:
     """Largest share of the MLP neurons the search may remove (``--limit ffn=…``). At the default 0.5 the
     search finds four shapes at half the parameters (hidden 160-220, MLP 768-384); 0.6 adds the one with the
     most embedding channels, hidden 240 / MLP 320, and the held-out loss decides (it ranks first on the
-    bundled teacher: 5.181 against 5.575 for the best of the four right after pruning; after distillation the
-    two are within the seed spread, 4.176 and 4.189; ``benchmarks/results/peers_prune_bundled.md``)."""
+    bundled teacher: 5.076 against 5.417 for the best of the four right after pruning, and after distillation
+    4.189 against 4.204 on 512 held-out blocks, 0.015 ± 0.002 lower paired by seed;
+    ``benchmarks/results/peers_prune_bundled_512.md``)."""
     heldout: int = 32
     """Held-out blocks that rank the candidates (``--heldout-samples``)."""
     seq_len: int = 256

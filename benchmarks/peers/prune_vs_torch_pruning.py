@@ -41,7 +41,10 @@ teacher trained first (tied embeddings, 8 query / 4 KV heads):
 minutes; on the bundled one it fails at once.) Importance calibrates on ``minitron importance``'s
 default 1,024 blocks (``--samples``); with the 64 these results used before, minitron's losses right after
 pruning moved by up to 0.15 nats (``benchmarks/results/calibration_size.md`` measures that spread).
-``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds.
+``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds. The same two
+commands with ``--work`` pointing at the folders those runs kept, ``--heldout 512`` and ``--name
+peers_prune_{bundled,tied}_512`` score every model again on 512 held-out blocks (16× the text; a paired
+difference's standard error about a quarter as large), reusing the pruned and distilled checkpoints.
 ``unit_ranking.py`` follows up on the one point where torch-pruning comes out ahead.
 
 Results: ``benchmarks/results/NAME.{json,md}`` (``--name``, default ``peers_prune``).
