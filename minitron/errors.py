@@ -36,13 +36,19 @@ class UserError(Exception):
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """Entry point of a repository script (``scripts/``, ``benchmarks/``): a :class:`UserError` becomes one
-    line on stderr and exit code 2, as the CLI reports one; anything else keeps its traceback."""
+    """Entry point of a repository script (``scripts/``, ``benchmarks/``), reporting as the CLI does: a
+    :class:`UserError` becomes one line on stderr and exit code 2; Ctrl-C and SIGTERM unwind (the script's
+    ``finally`` blocks remove its temporary work) and exit 130 and 143 with one line; anything else keeps
+    its traceback."""
     try:
-        main()
+        with interrupt_on_signals():
+            main()
     except UserError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Interrupted as e:
+        print(f"interrupted ({e})", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 class Interrupted(BaseException):

@@ -8,12 +8,16 @@ repository root (for ``minitron``) and ``benchmarks/`` (for ``machine``) on ``sy
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +28,42 @@ for _path in (str(ROOT), str(HERE.parent)):
 
 import machine  # noqa: E402  (benchmarks/machine.py, importable once the path above is set)
 
+from minitron.errors import UserError
+
 VALID = ROOT / "minitron" / "assets" / "data" / "wikitext-2" / "valid.jsonl.gz"
+
+
+def need(module: str, package: str) -> None:
+    """Refuse, before any work, when the peer this comparison runs is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{package} is not installed", where=module,
+                        fix="install the peers extra: pip install -e '.[peers]'")  # fmt: skip
+
+
+def at_least(args, **floors: int) -> None:
+    """Each named whole-number flag of ``args`` is at least its floor, or one line saying which is not."""
+    for name, floor in floors.items():
+        value = getattr(args, name)
+        if value is not None and value < floor:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"must be at least {floor}, got {value}", where=flag, fix=f"pass {flag} {floor} or more")
+
+
+@contextlib.contextmanager
+def scratch(work: Path | None, prefix: str) -> Iterator[Path]:
+    """The folder a comparison works in: ``work`` (kept, made if missing), or a temporary one removed when
+    the block ends however it ends, so that a run without ``--work`` leaves nothing behind."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def child_env() -> dict[str, str]:
@@ -49,7 +88,12 @@ def run_child(command: list[str], *, log: Path | None = None) -> dict:
     out = open(log, "w") if log else subprocess.DEVNULL
     try:
         child = subprocess.Popen(command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # interrupted: the child stops too (it unwinds on SIGTERM) before we go on
+            child.terminate()
+            child.wait()
+            raise
     finally:
         if log:
             out.close()

@@ -29,6 +29,9 @@ Run by hand, never as a test:
     pip install -e '.[peers]'
     python benchmarks/peers/distill_vs_trl.py --threads 1   # what results/peers_distill_cpu.md holds
 
+Without ``--work DIR`` (which keeps the fixture and every run's output) it works in a temporary folder,
+removed when the run ends however it ends (``kill -9`` aside).
+
 Results: ``benchmarks/results/peers_distill_{cpu,cuda}.{json,md}``.
 """
 
@@ -39,12 +42,14 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import common
 import machine  # benchmarks/machine.py, on sys.path once common is imported
+
+# the repository root is on sys.path once common is imported
+from minitron.errors import UserError, run_script
 
 # hidden, ffn, layers, heads, kv_heads (head_dim 32)
 TEACHER = "256,768,4,8,2"
@@ -251,7 +256,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=128, help="minitron's loss.chunk_size (1024 ≥ the 512 tokens of a step would not chunk)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of every run (default: torch's)")
-    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the fixture and runs here (default: a temporary folder, removed at the end)")
     parser.add_argument("--name", default="peers_distill_cpu")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fixture", default=None, help=argparse.SUPPRESS)
@@ -259,10 +265,34 @@ def main() -> None:
     if args.worker:
         return trl_worker({k: Path(v) for k, v in json.loads(args.fixture).items()}, args.worker, args)
 
+    check_args(args)
     if args.threads:
         os.environ["PEERS_THREADS"] = str(args.threads)
-    os.environ["MINITRON_CACHE"] = str(args.work or tempfile.mkdtemp(prefix="peers-distill-cache-"))
-    work = args.work or Path(tempfile.mkdtemp(prefix="peers-distill-"))
+    with common.scratch(args.work, "peers-distill-") as work:
+        record = compare(work, args)
+    machine.write(args.name, record, lambda r: markdown(r, args))
+
+
+def check_args(args) -> None:
+    """TRL installed and every number one the runs can use, before the fixture is built."""
+    common.need("trl", "TRL")
+    common.at_least(args, vocab=2, seq_len=2, micro=1, steps=2, chunk_size=1, repeats=1, threads=1)
+    if not args.lr > 0:
+        raise UserError(f"must be positive, got {args.lr}", where="--lr", fix="pass e.g. --lr 0.001")
+    for flag, spec in (("--teacher", args.teacher), ("--student", args.student)):
+        parts = spec.split(",")
+        sizes = [int(p) for p in parts if p.strip().isdigit()]
+        if len(parts) != 5 or len(sizes) != 5 or min(sizes) < 1 or sizes[0] % sizes[3] or sizes[3] % sizes[4]:
+            raise UserError(
+                f"cannot read {spec!r}", where=flag,
+                fix="pass hidden,ffn,layers,heads,kv_heads: five whole numbers, hidden a multiple of heads and "
+                "heads of kv_heads",
+            )  # fmt: skip
+
+
+def compare(work: Path, args) -> dict:
+    """Both tools, ``--repeats`` times each, alternating, in ``work``: the results record."""
+    os.environ["MINITRON_CACHE"] = str(work)  # the children's token cache and shipped-text copies, in work
     fixture = build_fixture(work, args)
     load_before = machine.load_average()
     runs = []
@@ -274,7 +304,7 @@ def main() -> None:
             result.update(tool=tool, repeat=rep, tokens_per_s=args.micro * args.seq_len / statistics.median(result["step_s"][1:]))
             runs.append(result)
             print(json.dumps({k: result[k] for k in ("tool", "repeat", "tokens_per_s", "peak_rss_mib", "loss")}), flush=True)
-    record = {
+    return {
         "machine": machine.describe("cpu"),
         "load_average_before": load_before,
         "load_average_after": machine.load_average(),
@@ -284,8 +314,7 @@ def main() -> None:
         "summary": {tool: summarise([r for r in runs if r["tool"] == tool], args) for tool in ("minitron", "trl")},
         "runs": runs,
     }
-    machine.write(args.name, record, lambda r: markdown(r, args))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

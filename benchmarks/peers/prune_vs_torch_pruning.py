@@ -41,8 +41,9 @@ teacher trained first (tied embeddings, 8 query / 4 KV heads):
 minutes; on the bundled one it fails at once.) Importance calibrates on ``minitron importance``'s
 default 1,024 blocks (``--samples``); with the 64 these results used before, minitron's losses right after
 pruning moved by up to 0.15 nats (``benchmarks/results/calibration_size.md`` measures that spread).
-``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds. The same two
-commands with ``--work`` pointing at the folders those runs kept, ``--heldout 512`` and ``--name
+``--work DIR`` keeps the checkpoints, and a run stopped midway resumes from what DIR holds; without it the
+run works in a temporary folder, removed when the run ends however it ends (``kill -9`` aside). The same
+two commands with ``--work`` pointing at the folders those runs kept, ``--heldout 512`` and ``--name
 peers_prune_{bundled,tied}_512`` score every model again on 512 held-out blocks (16× the text; a paired
 difference's standard error about a quarter as large), reusing the pruned and distilled checkpoints.
 ``unit_ranking.py`` follows up on the one point where torch-pruning comes out ahead.
@@ -59,13 +60,17 @@ import math
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import common
 import machine  # benchmarks/machine.py, on sys.path once common is imported
 import yaml
+
+from minitron.errors import (  # the repository root is on sys.path once common is imported
+    UserError,
+    run_script,
+)
 
 SEQ_LEN = 256
 
@@ -209,6 +214,12 @@ def _timings(work: Path, measured: dict[str, float | None]) -> dict[str, float |
     return {k: known.get(k) for k in measured}
 
 
+def _shape_of(out: Path) -> dict:
+    c = json.loads((out / "config.json").read_text())
+    return {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "heads": c["num_attention_heads"],
+            "kv_heads": c["num_key_value_heads"]}  # fmt: skip
+
+
 def _tp_done(out: Path, ratio: float) -> dict | None:
     """What ``tp_prune`` returned for the output an earlier run of this script wrote, read back from its config
     and its tensors' shapes."""
@@ -217,8 +228,7 @@ def _tp_done(out: Path, ratio: float) -> dict | None:
     if not (out / "config.json").is_file():
         return None
     c = json.loads((out / "config.json").read_text())
-    shape = {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "heads": c["num_attention_heads"],
-             "kv_heads": c["num_key_value_heads"]}  # fmt: skip
+    shape = _shape_of(out)
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     want = {"mlp.gate_proj": shape["ffn"], "self_attn.q_proj": shape["heads"] * head_dim,
             "self_attn.k_proj": shape["kv_heads"] * head_dim}  # fmt: skip
@@ -257,15 +267,10 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
         out, "prune", str(teacher), "--target", "0.5x", "--axes", "width", "--scores", str(scores), *data,
         "--heldout-samples", "16", "-o", str(out), log=log,
     )  # fmt: skip
-    chosen = json.loads((out / "config.json").read_text())
-    rows["minitron --target 0.5x --axes width"] = {
-        "tool": "minitron", "path": out, "prune_s": seconds,
-        "shape": {"hidden": chosen["hidden_size"], "ffn": chosen["intermediate_size"],
-                  "heads": chosen["num_attention_heads"], "kv_heads": chosen["num_key_value_heads"]},
-    }  # fmt: skip
-    target = dataclasses.replace(
-        shape, hidden=chosen["hidden_size"], ffn=chosen["intermediate_size"]
-    ).counts()["total"]
+    chosen = _shape_of(out)
+    rows["minitron --target 0.5x --axes width"] = {"tool": "minitron", "path": out, "prune_s": seconds,
+                                                   "shape": chosen}  # fmt: skip
+    target = dataclasses.replace(shape, hidden=chosen["hidden"], ffn=chosen["ffn"]).counts()["total"]
     ratio = tp_ratio(shape, target, shape.heads)
     for limit in args.limit or ():
         # The same search with another --limit (the quickstart's ffn=0.6 lets it weigh a shallower MLP cut).
@@ -325,6 +330,7 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
         if "error" in row:
             continue
         row["path"] = str(path)
+        row.setdefault("shape", _shape_of(path))  # the record must not need WORK, which may be temporary
         print(f"{teacher.name}: scoring {name}", flush=True)
         row["pruned"] = score(path, blocks)
         if row["pruned"]["loads"]:
@@ -408,10 +414,6 @@ def markdown(record: dict) -> list[str]:
             pruned, distilled = row.get("pruned", {}), row.get("distilled", {})
             params = pruned.get("params")
             shape = row.get("shape") or {k: row.get(k) for k in ("hidden", "ffn", "heads", "kv_heads")}
-            if not shape.get("hidden") and params:
-                cfg = json.loads((Path(row["path"]) / "config.json").read_text())
-                shape = {"hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"],
-                         "heads": cfg["num_attention_heads"], "kv_heads": cfg["num_key_value_heads"]}  # fmt: skip
             delta = f"{params - reference:+,}" if params and reference else ""
             loads = "yes" if pruned.get("loads") else f"no: {pruned.get('why', '')}"
             after = f"{distilled['loss']:.3f} ± {distilled.get('std', 0.0):.3f}" if distilled else ""
@@ -437,18 +439,19 @@ def main() -> None:
     parser.add_argument("--variants", default="keep heads,heads", help="torch-pruning settings to run")
     parser.add_argument("--seq-agg", action="append", choices=["l2", "var"],
                         help="also prune torch-pruning's shape from importance with this sequence aggregation")
-    parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the checkpoints here (default: a temporary folder, removed at the end)")
     parser.add_argument("--name", default="peers_prune", help="results file stem")
     args = parser.parse_args()
-    teachers = args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]
+    teachers = [t.resolve() for t in args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]]
+    check_inputs(teachers, args)
 
-    import torch  # noqa: F401  (fail early without the stack)
     from minitron.quickstart import training_text
 
     text = training_text()
-    work = args.work or Path(tempfile.mkdtemp(prefix="peers-prune-"))
     load_before = machine.load_average()
-    results = [compare(t.resolve(), work / f"{i}-{t.name}", text, args) for i, t in enumerate(teachers)]
+    with common.scratch(args.work, "peers-prune-") as work:
+        results = [compare(t, work / f"{i}-{t.name}", text, args) for i, t in enumerate(teachers)]
     record = {
         "machine": machine.describe("cpu"),
         "load_average_before": load_before,
@@ -461,5 +464,30 @@ def main() -> None:
     machine.write(args.name, record, markdown)
 
 
+def check_inputs(teachers: list[Path], args) -> None:
+    """Everything a run needs, before its first minute of work: torch-pruning installed, sane numbers, every
+    ``--limit`` and variant readable, and every teacher a Llama checkpoint that minitron's checked reader
+    accepts (the recipe names Llama's modules)."""
+    from minitron.families import Shape
+    from minitron.inputs import check_weights, read_config
+    from minitron.search_grid import parse_limits
+
+    common.need("torch_pruning", "torch-pruning")
+    common.at_least(args, samples=1, heldout=2, steps=1, batch=1, seeds=1)
+    if not args.lr > 0:
+        raise UserError(f"must be positive, got {args.lr}", where="--lr", fix="pass e.g. --lr 0.002")
+    parse_limits(args.limit or ())
+    unknown = set(args.variants.split(",")) - {"keep heads", "heads"}
+    if unknown:
+        raise UserError(f"unknown torch-pruning setting(s) {sorted(unknown)}", where="--variants",
+                        fix='pass "keep heads", "heads" or both, comma-separated')  # fmt: skip
+    for teacher in teachers:
+        shape = Shape.from_config(read_config(teacher))
+        if shape.model_type != "llama":
+            raise UserError(f"a {shape.model_type} checkpoint: torch-pruning's LLM recipe here is Llama's",
+                            where=str(teacher), fix="pass a Llama checkpoint")  # fmt: skip
+        check_weights(teacher)
+
+
 if __name__ == "__main__":
-    main()
+    run_script(main)
