@@ -21,8 +21,10 @@ whole), in steps of 1/16 down to half, choosing the units by
 
 and cuts each ranking's units with ``minitron prune``'s code (which rescales the remaining RMSNorms by the
 calibration energy of the kept channels), then scores each pruned model, right after pruning, on the held-out
-WikiText-2 *valid* blocks that the comparison uses. Given ``--shape HIDDEN,FFN`` for a teacher (the shape
-torch-pruning produced for it), it also cuts both axes at once to that shape, with each pair of rankings:
+WikiText-2 *valid* blocks that the comparison uses; a difference between two rankings comes with its
+standard error, paired over those blocks (both pruned models read the same ones). Given ``--shape
+HIDDEN,FFN`` for a teacher (the shape torch-pruning produced for it), it also cuts both axes at once to that
+shape, with each pair of rankings:
 activations for both (minitron's default, with and without the norms rescaled), magnitude for both
 (torch-pruning's criterion), and magnitude or measured cost for the embedding channels with activations for
 the neurons. A unigram model of the calibration text (token frequencies, nothing else)
@@ -68,6 +70,7 @@ JOINT = {  # both axes cut at once: ranking -> (embedding channels, MLP neurons)
     PLAIN: "activation / activation, norms not rescaled",
 }
 ALONE_BLOCKS = 16
+DEFAULT = RANKINGS[0]
 
 
 def unigram_loss(calib, heldout, vocab: int) -> float:
@@ -139,8 +142,12 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
     plain = {k: v for k, v in activation["mean"].tensors.items() if k != "norm_energy"}
     rankings[PLAIN] = dataclasses.replace(activation["mean"], tensors=plain)
 
-    def loss(student, scores) -> float:  # held-out loss of the teacher pruned to ``student`` by ``scores``
-        return round(common.lm_loss(prune_model(model, make_plan(shape, student, scores)), heldout), 4)
+    def losses(student, names) -> tuple[dict, dict]:
+        """Held-out loss of the teacher pruned to ``student`` by each named ranking, and each one's loss per
+        held-out block (what the paired differences below are drawn from)."""
+        blocks = {n: common.block_losses(prune_model(model, make_plan(shape, student, rankings[n])), heldout)
+                  for n in names}  # fmt: skip
+        return {n: round(statistics.fmean(b), 4) for n, b in blocks.items()}, blocks
 
     # Cuts in steps of 1/16 down to half; an embedding stays a multiple of the head count (transformers' Llama
     # needs it). Everything but the axis stays whole, so only the choice of its units differs.
@@ -150,14 +157,16 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
         whole, axes[axis] = getattr(shape, axis), []
         for kept in range(whole - step, whole // 2 - 1, -step):
             student = dataclasses.replace(shape, **{axis: kept})
-            losses = {n: loss(student, r) for n, r in rankings.items() if n in NAMED[axis] or n.startswith("random")}
-            axes[axis].append({"kept": kept, "params": student.counts()["total"], "loss": losses})
-            print(f"{teacher.name}: {axis} {kept}: {losses}", flush=True)
+            mean, blocks = losses(student, [n for n in rankings if n in NAMED[axis] or n.startswith("random")])
+            axes[axis].append({"kept": kept, "params": student.counts()["total"], "loss": mean,
+                               "default_minus_magnitude": _paired(blocks[DEFAULT], blocks["weight magnitude"])})
+            print(f"{teacher.name}: {axis} {kept}: {mean}", flush=True)
     both = None
     if joint:  # both axes at once, at the shape torch-pruning produced for this teacher
         student = dataclasses.replace(shape, hidden=joint[0], ffn=joint[1])
-        losses = {n: loss(student, r) for n, r in rankings.items() if n in JOINT or n.startswith("random")}
-        both = {"hidden": joint[0], "ffn": joint[1], "params": student.counts()["total"], "loss": losses}
+        mean, blocks = losses(student, [n for n in rankings if n in JOINT or n.startswith("random")])
+        both = {"hidden": joint[0], "ffn": joint[1], "params": student.counts()["total"], "loss": mean,
+                "minus_default": {n: _paired(blocks[n], blocks[DEFAULT]) for n in JOINT if n != DEFAULT}}
         print(f"{teacher.name}: both {joint}: {both['loss']}", flush=True)
     return {
         "teacher": str(teacher),
@@ -172,13 +181,18 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
 # --- report ---------------------------------------------------------------------------------------------------
 
 
+def _paired(a: list[float], b: list[float]) -> list[float]:
+    """``a − b`` over the same held-out blocks, and its standard error: ``[mean, se]``."""
+    return [round(x, 4) for x in common.paired_difference(a, b)]
+
+
 def _random(losses: dict) -> list[float]:
     return [v for k, v in losses.items() if k.startswith("random")]
 
 
 def row_line(row: dict, whole: int, names: tuple[str, ...]) -> str:
     """One cut: the named rankings (the lowest in bold where it leads the next by more than the random spread),
-    random's mean ± std, and the default's difference from weight magnitude."""
+    random's mean ± std, and the default's difference from weight magnitude ± its paired standard error."""
     losses = row["loss"]
     named = [losses[k] for k in names]
     noise = statistics.stdev(_random(losses))
@@ -186,8 +200,13 @@ def row_line(row: dict, whole: int, names: tuple[str, ...]) -> str:
     cells = [f"**{v:.3f}**" if v == best and second - best > noise else f"{v:.3f}" for v in named]
     return (
         f"| {row['kept']} ({1 - row['kept'] / whole:.1%}) | " + " | ".join(cells)
-        + f" | {statistics.fmean(_random(losses)):.3f} ± {noise:.3f} | {named[0] - named[2]:+.3f} |"
+        + f" | {statistics.fmean(_random(losses)):.3f} ± {noise:.3f} | {_difference(row, named)} |"
     )
+
+
+def _difference(row: dict, named: list[float]) -> str:
+    paired = row.get("default_minus_magnitude")  # absent in results written before it was measured
+    return f"{paired[0]:+.3f} ± {paired[1]:.3f}" if paired else f"{named[0] - named[2]:+.3f}"
 
 
 def markdown(record: dict) -> list[str]:
@@ -207,6 +226,8 @@ def markdown(record: dict) -> list[str]:
         "input's mean square over the kept channels relative to all, measured on the calibration blocks "
         "(`minitron.plan.norm_scales`); *norms not rescaled*: the default's channels cut without that. "
         "**Bold**: the lowest of the rankings where it leads the next by more than the random spread. "
+        "Differences between two rankings: ± the standard error of the difference, paired over the held-out "
+        "blocks (both pruned models read the same ones). "
         "Unigram: the loss of token frequencies alone.",
     ]
     for t in record["teachers"]:
@@ -236,11 +257,16 @@ def joint_lines(joint: dict, shape: dict) -> list[str]:
         f"both axes at torch-pruning's shape (hidden {joint['hidden']} of {shape['hidden']}, MLP {joint['ffn']} "
         f"of {shape['ffn']}, {joint['params']:,} parameters):",
         "",
-        "| embedding channels / MLP neurons ranked by | loss right after pruning |",
-        "|---|---|",
-        *(f"| {label} | {losses[name]:.3f} |" for name, label in JOINT.items()),
-        f"| random / random | {statistics.fmean(noise):.3f} ± {statistics.stdev(noise):.3f} |",
+        "| embedding channels / MLP neurons ranked by | loss right after pruning | − minitron's default |",
+        "|---|---|---|",
+        *(f"| {label} | {losses[name]:.3f} | {_versus_default(joint, name)} |" for name, label in JOINT.items()),
+        f"| random / random | {statistics.fmean(noise):.3f} ± {statistics.stdev(noise):.3f} | |",
     ]
+
+
+def _versus_default(joint: dict, name: str) -> str:
+    paired = joint.get("minus_default", {}).get(name)
+    return f"{paired[0]:+.3f} ± {paired[1]:.3f}" if paired else ""
 
 
 def check_inputs(teachers: list[Path], texts: list[str]) -> list[tuple[int, int] | None]:
