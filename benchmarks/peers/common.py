@@ -157,6 +157,11 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.fmean(d), (statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0)
 
 
+def plus_minus(mean: float, se: float) -> str:
+    """A difference and its standard error as the results tables print them: ``+0.015 ± 0.034``."""
+    return f"{mean:+.3f} ± {se:.3f}"
+
+
 def load_stock(path: Path):
     """The checkpoint through stock ``AutoModelForCausalLM`` (float32, no remote code); ``(model, None)`` or
     ``(None, reason)`` when transformers refuses it or finds weights missing / unexpected."""

@@ -71,7 +71,7 @@ def build_fixture(work: Path, args) -> dict:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
     paths = {}
     for name, shape, seed in (("teacher", args.teacher, 1), ("student", args.student, 2)):
-        hidden, ffn, layers, heads, kv = map(int, shape.split(","))
+        hidden, ffn, layers, heads, kv = sizes(f"--{name}", shape)
         config = LlamaConfig(
             vocab_size=args.vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
@@ -279,15 +279,21 @@ def check_args(args) -> None:
     common.at_least(args, vocab=2, seq_len=2, micro=1, steps=2, chunk_size=1, repeats=1, threads=1)
     if not args.lr > 0:
         raise UserError(f"must be positive, got {args.lr}", where="--lr", fix="pass e.g. --lr 0.001")
-    for flag, spec in (("--teacher", args.teacher), ("--student", args.student)):
-        parts = spec.split(",")
-        sizes = [int(p) for p in parts if p.strip().isdigit()]
-        if len(parts) != 5 or len(sizes) != 5 or min(sizes) < 1 or sizes[0] % sizes[3] or sizes[3] % sizes[4]:
-            raise UserError(
-                f"cannot read {spec!r}", where=flag,
-                fix="pass hidden,ffn,layers,heads,kv_heads: five whole numbers, hidden a multiple of heads and "
-                "heads of kv_heads",
-            )  # fmt: skip
+    sizes("--teacher", args.teacher)
+    sizes("--student", args.student)
+
+
+def sizes(flag: str, spec: str) -> tuple[int, int, int, int, int]:
+    """``hidden,ffn,layers,heads,kv_heads`` read from ``spec``, or one line saying why it cannot be."""
+    parts = spec.split(",")
+    values = tuple(int(p) for p in parts if p.strip().isdigit())
+    if len(parts) != 5 or len(values) != 5 or min(values) < 1 or values[0] % values[3] or values[3] % values[4]:
+        raise UserError(
+            f"cannot read {spec!r}", where=flag,
+            fix="pass hidden,ffn,layers,heads,kv_heads: five whole numbers, hidden a multiple of heads and "
+            "heads of kv_heads",
+        )  # fmt: skip
+    return values
 
 
 def compare(work: Path, args) -> dict:

@@ -67,10 +67,8 @@ import common
 import machine  # benchmarks/machine.py, on sys.path once common is imported
 import yaml
 
-from minitron.errors import (  # the repository root is on sys.path once common is imported
-    UserError,
-    run_script,
-)
+# the repository root is on sys.path once common is imported
+from minitron.errors import UserError, run_script
 
 SEQ_LEN = 256
 
@@ -363,12 +361,10 @@ def versus(row: dict, peer: dict | None) -> str:
         return ""
     parts = []
     if "blocks" in row.get("pruned", {}) and "blocks" in peer["pruned"]:
-        mean, se = common.paired_difference(row["pruned"]["blocks"], peer["pruned"]["blocks"])
-        parts.append(f"{mean:+.3f} ± {se:.3f}")
+        parts.append(common.plus_minus(*common.paired_difference(row["pruned"]["blocks"], peer["pruned"]["blocks"])))
     ours, theirs = row.get("distilled", {}).get("losses"), peer.get("distilled", {}).get("losses")
     if ours and theirs and len(ours) == len(theirs):
-        mean, se = common.paired_difference(ours, theirs)
-        parts.append(f"{mean:+.3f} ± {se:.3f}")
+        parts.append(common.plus_minus(*common.paired_difference(ours, theirs)))
     return " / ".join(parts) if len(parts) == 2 else ""
 
 
@@ -486,7 +482,7 @@ def check_inputs(teachers: list[Path], args) -> None:
         if shape.model_type != "llama":
             raise UserError(f"a {shape.model_type} checkpoint: torch-pruning's LLM recipe here is Llama's",
                             where=str(teacher), fix="pass a Llama checkpoint")  # fmt: skip
-        check_weights(teacher)
+        check_weights(teacher, shape)
 
 
 if __name__ == "__main__":

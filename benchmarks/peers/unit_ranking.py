@@ -206,7 +206,7 @@ def row_line(row: dict, whole: int, names: tuple[str, ...]) -> str:
 
 def _difference(row: dict, named: list[float]) -> str:
     paired = row.get("default_minus_magnitude")  # absent in results written before it was measured
-    return f"{paired[0]:+.3f} ± {paired[1]:.3f}" if paired else f"{named[0] - named[2]:+.3f}"
+    return common.plus_minus(*paired) if paired else f"{named[0] - named[2]:+.3f}"
 
 
 def markdown(record: dict) -> list[str]:
@@ -266,7 +266,7 @@ def joint_lines(joint: dict, shape: dict) -> list[str]:
 
 def _versus_default(joint: dict, name: str) -> str:
     paired = joint.get("minus_default", {}).get(name)
-    return f"{paired[0]:+.3f} ± {paired[1]:.3f}" if paired else ""
+    return common.plus_minus(*paired) if paired else ""
 
 
 def check_inputs(teachers: list[Path], texts: list[str]) -> list[tuple[int, int] | None]:
