@@ -25,12 +25,15 @@ WikiText-2 *valid* blocks that the comparison uses; a difference between two ran
 standard error, paired over those blocks (both pruned models read the same ones). Given ``--shape
 HIDDEN,FFN`` for a teacher (the shape torch-pruning produced for it), it also cuts both axes at once to that
 shape, with each pair of rankings:
-activations for both (minitron's default, with and without the norms rescaled), magnitude for both
+activations for both (minitron's default, with and without the norms rescaled, and with sequence L2), magnitude for both
 (torch-pruning's criterion), and magnitude or measured cost for the embedding channels with activations for
-the neurons. A unigram model of the calibration text (token frequencies, nothing else)
+the neurons; and minitron's two activation rankings again from ``--draws`` calibration draws (the same number
+of blocks drawn with seeds 0, 1, …; seed 0 is the draw every other row uses), which shows how far the loss
+right after pruning moves with which blocks were read, a spread that the held-out standard error does not
+contain. A unigram model of the calibration text (token frequencies, nothing else)
 is the line at which a pruned model has kept nothing of its teacher's use of context.
 
-Run by hand (about 15 minutes per teacher on one CPU core); the committed results::
+Run by hand (about 40 minutes for the bundled teacher and 15 for the tied one, on one CPU core); the committed results::
 
     PEERS_THREADS=1 python benchmarks/peers/unit_ranking.py --teacher minitron/assets/teacher --shape 200,484 \
         --teacher ../teacher-tied --shape 160,400
@@ -64,6 +67,7 @@ NAMED = {"hidden": (*RANKINGS, ALONE, PLAIN), "ffn": RANKINGS}  # the rankings e
 MIXED = "magnitude channels, activation neurons"
 JOINT = {  # both axes cut at once: ranking -> (embedding channels, MLP neurons) ranked by
     "activation (default)": "activation / activation (minitron's default)",
+    "activation, seq L2": "activation, seq L2 / activation, seq L2",
     "weight magnitude": "weight magnitude / weight magnitude (torch-pruning's criterion)",
     MIXED: "weight magnitude / activation",
     ALONE: "one channel at a time / activation",
@@ -71,6 +75,8 @@ JOINT = {  # both axes cut at once: ranking -> (embedding channels, MLP neurons)
 }
 ALONE_BLOCKS = 16
 DEFAULT = RANKINGS[0]
+DRAWN = {RANKINGS[0]: "mean", RANKINGS[1]: "l2"}  # the rankings scored again per calibration draw: seq_agg
+DRAWS = 4
 
 
 def unigram_loss(calib, heldout, vocab: int) -> float:
@@ -166,7 +172,14 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
         student = dataclasses.replace(shape, hidden=joint[0], ffn=joint[1])
         mean, blocks = losses(student, [n for n in rankings if n in JOINT or n.startswith("random")])
         both = {"hidden": joint[0], "ffn": joint[1], "params": student.counts()["total"], "loss": mean,
-                "minus_default": {n: _paired(blocks[n], blocks[DEFAULT]) for n in JOINT if n != DEFAULT}}
+                "minus_default": {n: _paired(blocks[n], blocks[DEFAULT]) for n in JOINT if n != DEFAULT},
+                "draws": {n: [mean[n]] for n in DRAWN}}
+        for seed in range(1, args.draws):  # the same count of calibration blocks, drawn again
+            blocks = token_blocks(tokenizer, training_text(), seq_len=SEQ_LEN, samples=args.samples, seed=seed)
+            for name, agg in DRAWN.items():
+                scores = compute_scores(model, blocks, batch_size=8, seq_agg=agg, show_progress=False)
+                pruned = prune_model(model, make_plan(shape, student, scores))
+                both["draws"][name].append(round(common.lm_loss(pruned, heldout), 4))
         print(f"{teacher.name}: both {joint}: {both['loss']}", flush=True)
     return {
         "teacher": str(teacher),
@@ -261,6 +274,35 @@ def joint_lines(joint: dict, shape: dict) -> list[str]:
         "|---|---|---|",
         *(f"| {label} | {losses[name]:.3f} | {_versus_default(joint, name)} |" for name, label in JOINT.items()),
         f"| random / random | {statistics.fmean(noise):.3f} ± {statistics.stdev(noise):.3f} | |",
+        *draw_lines(joint),
+    ]
+
+
+def draw_lines(joint: dict) -> list[str]:
+    """minitron's activation rankings from each calibration draw at that shape, beside torch-pruning's criterion
+    (whose ranking reads no calibration text); nothing for results written before draws were measured."""
+    draws = joint.get("draws")
+    if not draws or len(next(iter(draws.values()))) < 2:
+        return []
+    count, magnitude = len(next(iter(draws.values()))), joint["loss"]["weight magnitude"]
+    return [
+        "",
+        (
+            f"the activation rankings from {count} calibration draws (the same number of blocks, drawn with seeds "
+            f"0–{count - 1}; draw 0 is the one above), against weight magnitude / weight magnitude ({magnitude:.3f}):"
+        ),
+        "",
+        (
+            f"| embedding channels / MLP neurons ranked by | {' | '.join(f'draw {k}' for k in range(count))} "
+            "| mean ± std over draws | draws below magnitude |"
+        ),
+        "|---|" + "---|" * (count + 2),
+        *(
+            f"| {JOINT[name]} | {' | '.join(f'{v:.3f}' for v in losses)} | "
+            f"{statistics.fmean(losses):.3f} ± {statistics.stdev(losses):.3f} | "
+            f"{sum(v < magnitude for v in losses)} of {count} |"
+            for name, losses in draws.items()
+        ),
     ]
 
 
@@ -305,8 +347,13 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=CALIBRATION, help="calibration blocks for importance")
     parser.add_argument("--heldout", type=int, default=32, help="held-out blocks that score every model")
+    parser.add_argument(
+        "--draws", type=int, default=DRAWS,
+        help="calibration draws from which the activation rankings are scored again at the --shape (1: none)",
+    )
     parser.add_argument("--name", default="unit_ranking", help="results file stem")
     args = parser.parse_args()
+    common.at_least(args, samples=1, heldout=2, draws=1)
     threads = int(os.environ.get("PEERS_THREADS", "2"))
 
     import torch
@@ -325,7 +372,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "seeds": SEEDS,
-            "alone_blocks": min(ALONE_BLOCKS, args.samples),
+            "alone_blocks": min(ALONE_BLOCKS, args.samples), "draws": args.draws,
         },
         "teachers": results,
     }
