@@ -175,9 +175,9 @@ def rank(teacher: Path, joint: tuple[int, int] | None, args) -> dict:
                 "minus_default": {n: _paired(blocks[n], blocks[DEFAULT]) for n in JOINT if n != DEFAULT},
                 "draws": {n: [mean[n]] for n in DRAWN}}
         for seed in range(1, args.draws):  # the same count of calibration blocks, drawn again
-            blocks = token_blocks(tokenizer, training_text(), seq_len=SEQ_LEN, samples=args.samples, seed=seed)
+            drawn = token_blocks(tokenizer, training_text(), seq_len=SEQ_LEN, samples=args.samples, seed=seed)
             for name, agg in DRAWN.items():
-                scores = compute_scores(model, blocks, batch_size=8, seq_agg=agg, show_progress=False)
+                scores = compute_scores(model, drawn, batch_size=8, seq_agg=agg, show_progress=False)
                 pruned = prune_model(model, make_plan(shape, student, scores))
                 both["draws"][name].append(round(common.lm_loss(pruned, heldout), 4))
         print(f"{teacher.name}: both {joint}: {both['loss']}", flush=True)
