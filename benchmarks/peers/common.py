@@ -51,6 +51,15 @@ def at_least(args, **floors: int) -> None:
             raise UserError(f"must be at least {floor}, got {value}", where=flag, fix=f"pass {flag} {floor} or more")
 
 
+def positive(args, **examples: float) -> None:
+    """Each named flag of ``args`` is above zero, or one line saying which is not (with the example value)."""
+    for name, example in examples.items():
+        value = getattr(args, name)
+        if not value > 0:  # also refuses nan
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"must be positive, got {value}", where=flag, fix=f"pass e.g. {flag} {example}")
+
+
 @contextlib.contextmanager
 def scratch(work: Path | None, prefix: str) -> Iterator[Path]:
     """The folder a comparison works in: ``work`` (kept, made if missing), or a temporary one removed when

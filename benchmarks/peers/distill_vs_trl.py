@@ -277,8 +277,7 @@ def check_args(args) -> None:
     """TRL installed and every number one the runs can use, before the fixture is built."""
     common.need("trl", "TRL")
     common.at_least(args, vocab=2, seq_len=2, micro=1, steps=2, chunk_size=1, repeats=1, threads=1)
-    if not args.lr > 0:
-        raise UserError(f"must be positive, got {args.lr}", where="--lr", fix="pass e.g. --lr 0.001")
+    common.positive(args, lr=0.001)
     sizes("--teacher", args.teacher)
     sizes("--student", args.student)
 

@@ -212,8 +212,9 @@ def _timings(work: Path, measured: dict[str, float | None]) -> dict[str, float |
     return {k: known.get(k) for k in measured}
 
 
-def _shape_of(out: Path) -> dict:
-    c = json.loads((out / "config.json").read_text())
+def _shape_of(out: Path, config: dict | None = None) -> dict:
+    """The widths of the checkpoint in ``out``, from its config (``config``, when it has been read already)."""
+    c = config or json.loads((out / "config.json").read_text())
     return {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "heads": c["num_attention_heads"],
             "kv_heads": c["num_key_value_heads"]}  # fmt: skip
 
@@ -226,7 +227,7 @@ def _tp_done(out: Path, ratio: float) -> dict | None:
     if not (out / "config.json").is_file():
         return None
     c = json.loads((out / "config.json").read_text())
-    shape = _shape_of(out)
+    shape = _shape_of(out, c)
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     want = {"mlp.gate_proj": shape["ffn"], "self_attn.q_proj": shape["heads"] * head_dim,
             "self_attn.k_proj": shape["kv_heads"] * head_dim}  # fmt: skip
@@ -470,8 +471,7 @@ def check_inputs(teachers: list[Path], args) -> None:
 
     common.need("torch_pruning", "torch-pruning")
     common.at_least(args, samples=1, heldout=2, steps=1, batch=1, seeds=1)
-    if not args.lr > 0:
-        raise UserError(f"must be positive, got {args.lr}", where="--lr", fix="pass e.g. --lr 0.002")
+    common.positive(args, lr=0.002)
     parse_limits(args.limit or ())
     unknown = set(args.variants.split(",")) - {"keep heads", "heads"}
     if unknown:

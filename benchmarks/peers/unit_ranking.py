@@ -327,14 +327,14 @@ def check_inputs(teachers: list[Path], texts: list[str]) -> list[tuple[int, int]
         shapes.append((int(parts[0]), int(parts[1])))
     if shapes and len(shapes) != len(teachers):
         raise UserError(f"{len(shapes)} given for {len(teachers)} teacher(s)", where="--shape", fix=how)
-    for teacher, pair, text in zip(teachers, shapes, texts):
-        shape = Shape.from_config(read_config(teacher))
+    wholes = [Shape.from_config(read_config(teacher)) for teacher in teachers]
+    for teacher, shape, pair, text in zip(teachers, wholes, shapes, texts):
         try:
             check_student(shape, shape.replace(hidden=pair[0], ffn=pair[1]))
         except UserError as e:  # it names prune's flags; here the pair came from --shape
             raise UserError(e.what, where=f"--shape {text} for {teacher}", fix=e.fix) from None
-    for teacher in teachers:
-        check_weights(teacher)
+    for teacher, shape in zip(teachers, wholes):
+        check_weights(teacher, shape)
     return shapes or [None] * len(teachers)
 
 
