@@ -239,7 +239,9 @@ def _tp_done(out: Path, ratio: float) -> dict | None:
         for part in want
         if name.endswith(f"{part}.weight")
     )
-    params = sum(math.prod(s) for s in sizes.values())
+    # distinct parameters, as `common.count_params` counts them: a tied head, stored as its own tensor, once
+    tied = c.get("tie_word_embeddings", False)
+    params = sum(math.prod(s) for name, s in sizes.items() if not (tied and name == "lm_head.weight"))
     return {**shape, "uniform": uniform, "params": params, "ratio": ratio}
 
 
