@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from minitron.errors import UserError
+from minitron.errors import UserError, disk_full
 
 # Room left on top of the known size: file-system blocks, headers, the model card and config beside weights.
 _SPACE_MARGIN = 1.02
@@ -48,17 +48,22 @@ def note(message: str) -> None:
 # --- the destination, checked before any work ------------------------------------------------------------------
 
 
-def check_output_dir(out: str | Path, overwrite: bool, *, size: int | None = None) -> Path:
+def check_output_dir(out: str | Path, overwrite: bool, *, size: int | None = None, folder: bool = True) -> Path:
     """Refuse an output that cannot be written, before any expensive work starts.
 
-    Refused: an existing ``out`` (unless ``overwrite``), a path below a file, a folder this process cannot
-    create files in (read-only mount, permissions), and, given ``size`` (bytes of the result), too little
-    free space. Returns ``out`` as a :class:`~pathlib.Path`.
+    Refused: an existing ``out`` (unless ``overwrite``, and even then if it is a file where the result is a
+    folder, or the reverse: ``--overwrite`` replaces an earlier result, never a folder of other things), a path
+    below a file, a folder this process cannot create files in (read-only mount, permissions), and, given
+    ``size`` (bytes of the result), too little free space. Returns ``out`` as a :class:`~pathlib.Path`.
     """
     out = Path(out)
     clear_leftovers(out)
     if out.exists() and not overwrite:
         raise UserError("output already exists", where=str(out), fix="choose another path or pass --overwrite")
+    if out.exists() and out.is_dir() != folder:
+        found, wanted = ("a folder", "a file") if out.is_dir() else ("a file", "a folder")
+        raise UserError(f"output exists and is {found}; --overwrite replaces it only with {found}, and this writes "
+                        f"{wanted}", where=str(out), fix="choose another path, or remove it yourself first")  # fmt: skip
     check_writable(out, size=size)
     return out
 
@@ -209,28 +214,66 @@ def _signals_held() -> Iterator[None]:
 def atomic_dir(out: str | Path, overwrite: bool = False, *, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it is removed."""
     out = check_output_dir(out, overwrite, size=size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_dir(out)
+    made = _make_parents(out)
     try:
-        yield tmp
-        _swap_in(tmp, out)
-    except BaseException:
-        _remove(tmp)
+        tmp = _new_dir(out)
+        try:
+            yield tmp
+            _swap_in(tmp, out)
+        except BaseException:
+            _remove(tmp)
+            raise
+    except BaseException as e:
+        _remove_made(made)
+        _refuse_if_disk_full(e, out)
         raise
 
 
 @contextlib.contextmanager
 def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``out``; renamed onto ``out`` on success, removed on error."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file(out)
+    out = check_output_dir(out, overwrite, folder=False)
+    made = _make_parents(out)
     try:
-        yield tmp
-        _swap_in(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp = _new_file(out)
+        try:
+            yield tmp
+            _swap_in(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except BaseException as e:
+        _remove_made(made)
+        _refuse_if_disk_full(e, out)
         raise
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing folders above ``out``; returns them, deepest first, for :func:`_remove_made`."""
+    missing = []
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_made(made: list[Path]) -> None:
+    """After a failed write, remove the folders :func:`_make_parents` created, if nothing else came into them."""
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _refuse_if_disk_full(error: BaseException, out: Path) -> None:
+    """A result that filled its disk (space or quota) is the user's to fix: one line, not a traceback. Its
+    temporary sibling is gone by now; the space it took is free again."""
+    if disk_full(error):
+        raise UserError(
+            "the disk filled up while this was being written; nothing was left behind", where=str(out),
+            fix=f"free some space on {_nearest_existing(out.parent)} or choose another disk, and run again",
+        ) from None  # fmt: skip
 
 
 def versions() -> dict[str, str]:

@@ -20,7 +20,7 @@ try:  # typer ≥ 0.20 carries its own copy of click
 except ImportError:
     from click import exceptions as click
 
-from minitron.errors import EXIT_USER_ERROR, Interrupted, UserError, interrupt_on_signals
+from minitron.errors import EXIT_USER_ERROR, Interrupted, UserError, full_disk_error, interrupt_on_signals
 
 app = typer.Typer(
     name="minitron",
@@ -342,6 +342,11 @@ def main() -> None:
     except Interrupted as e:
         err_console.print(f"[bold red]interrupted[/] ({e}): no half-written output was left", highlight=False)
         sys.exit(e.exit_code)
+    except Exception as e:  # a full disk is the user's to fix; anything else is a bug and keeps its traceback
+        full = full_disk_error(e)
+        if full is None:
+            raise
+        _error(full.line(), EXIT_USER_ERROR)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -81,7 +81,51 @@ def resumed_reserve(run_dir: Path) -> int | None:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return None
-    return json.loads((checkpoint / "state.json").read_text()).get("heldout_reserve")
+    return read_state(checkpoint).get("heldout_reserve")
+
+
+_DAMAGED_FIX = "delete that step-* folder to resume from the checkpoint before it, or drop --resume to start afresh"
+_STATE_KEYS = {"step", "tokens", "scheduler"}
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, refused (one line) if it is not one minitron wrote."""
+    from minitron.inputs import read_json
+
+    try:
+        state = read_json(checkpoint / "state.json")
+    except UserError as e:
+        raise UserError(f"damaged checkpoint: {e.what}", where=e.where, fix=_DAMAGED_FIX) from None
+    if not isinstance(state, dict) or not _STATE_KEYS <= state.keys():
+        raise UserError("damaged checkpoint: state.json lacks the step, tokens or scheduler it should record",
+                        where=str(checkpoint / "state.json"), fix=_DAMAGED_FIX)  # fmt: skip
+    return state
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Refuse, before any model is loaded, a checkpoint whose files cannot be read: its state, the headers
+    of its safetensors files (which safetensors checks against the file's length) and the directory of the
+    optimizer's zip archive. Written by rename only when complete, a checkpoint is damaged only by something
+    outside minitron (a copy cut short, a disk error)."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    read_state(checkpoint)
+    for file in [checkpoint / "model.safetensors", *sorted(checkpoint.glob("rng-*.safetensors"))]:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"damaged checkpoint: cannot read {file.name} ({str(e).splitlines()[0][:120]})",
+                            where=str(file), fix=_DAMAGED_FIX) from None  # fmt: skip
+    optimizer = checkpoint / "optimizer.pt"
+    try:
+        with zipfile.ZipFile(optimizer) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"damaged checkpoint: cannot read optimizer.pt ({e})", where=str(optimizer),
+                        fix=_DAMAGED_FIX) from None  # fmt: skip
 
 
 def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, tokens, heldout_reserve) -> Path:
@@ -98,18 +142,24 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
-    save_file(_rng_state(world), tmp / f"rng-{world.rank}.safetensors")
+    try:
+        save_file(_rng_state(world), tmp / f"rng-{world.rank}.safetensors")
+        if world.main:
+            save_file(weights, tmp / "model.safetensors")
+            torch.save(optim, tmp / "optimizer.pt")
+            state = {
+                "step": step, "tokens": tokens, "world_size": world.size, "scheduler": scheduler.state_dict(),
+                "heldout_reserve": heldout_reserve,
+            }  # fmt: skip
+            barrier(world)  # every process has written its RNG state
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays beside the complete ones
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if world.main:
-        save_file(weights, tmp / "model.safetensors")
-        torch.save(optim, tmp / "optimizer.pt")
-        state = {
-            "step": step, "tokens": tokens, "world_size": world.size, "scheduler": scheduler.state_dict(),
-            "heldout_reserve": heldout_reserve,
-        }  # fmt: skip
-        barrier(world)  # every process has written its RNG state
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in sorted(p for p in final.parent.glob("step-*") if p != final)[: -keep + 1 or None]:
             shutil.rmtree(old, ignore_errors=True)
     else:
@@ -120,13 +170,20 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, world) -> dict[str, Any]:
     """Restore a checkpoint into the (already wrapped) model and optimizer; returns its ``state.json``."""
+    import pickle
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     broadcast = world.size > 1  # rank 0 reads the files and sends every other process its shard
-    weights = load_file(path / "model.safetensors") if world.main or not broadcast else {}
-    optim = torch.load(path / "optimizer.pt", weights_only=True) if world.main or not broadcast else {}
+    try:  # check_checkpoint read the headers; damage inside the data shows only now
+        weights = load_file(path / "model.safetensors") if world.main or not broadcast else {}
+        optim = torch.load(path / "optimizer.pt", weights_only=True) if world.main or not broadcast else {}
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, OSError) as e:
+        raise UserError(f"damaged checkpoint: {str(e).splitlines()[0][:160]}", where=str(path),
+                        fix=_DAMAGED_FIX) from None  # fmt: skip
     expected = set(trainable_state(model, world)) if world.main else set()
     if world.main and set(weights) != expected:
         raise UserError(
@@ -203,7 +260,11 @@ def check_run_dir(recipe: Recipe, resume: bool) -> dict[str, Any]:
                 where=f"output.dir {run_dir}", fix="drop --resume and choose another output.dir",
             )  # fmt: skip
         check_writable(run_dir / RECIPE)
-        return _changes(load_recipe(saved), recipe, saved)
+        changes = _changes(load_recipe(saved), recipe, saved)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
+        return changes
     if run_dir.exists() and not recipe.output.overwrite:
         raise UserError(
             "run folder already exists",

@@ -35,6 +35,29 @@ class UserError(Exception):
         return " — ".join(p.replace("\n", " ") for p in parts)
 
 
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk or the user's quota is full: an ``OSError`` with ENOSPC or EDQUOT, or a
+    library's own error that carries the system's words for them (safetensors' writer raises
+    ``SafetensorError("... No space left on device (os error 28)")``, torch's ``RuntimeError`` likewise)."""
+    import errno
+    import os
+
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError) and error.errno in codes:
+        return True
+    return isinstance(error, Exception) and any(os.strerror(code) in str(error) for code in codes)
+
+
+def full_disk_error(error: BaseException) -> UserError | None:
+    """The one line for an error that filled the disk outside minitron's own writers (a checkpoint, a cache),
+    else None. Whatever was being written is removed by the code that made it."""
+    if not disk_full(error):
+        return None
+    where = getattr(error, "filename", None)
+    return UserError("the disk filled up while writing", where=None if where is None else str(where),
+                     fix="free some space or choose another disk, and run again")  # fmt: skip
+
+
 def run_script(main: Callable[[], None]) -> None:
     """Entry point of a repository script (``scripts/``, ``benchmarks/``), reporting as the CLI does: a
     :class:`UserError` becomes one line on stderr and exit code 2; Ctrl-C and SIGTERM unwind (the script's
@@ -49,6 +72,12 @@ def run_script(main: Callable[[], None]) -> None:
     except Interrupted as e:
         print(f"interrupted ({e})", file=sys.stderr)
         sys.exit(e.exit_code)
+    except Exception as e:
+        full = full_disk_error(e)
+        if full is None:
+            raise
+        print(f"error: {full.line()}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 class Interrupted(BaseException):

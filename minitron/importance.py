@@ -408,7 +408,7 @@ def run(
     existing ``out`` is refused before any work."""
     from minitron.artifacts import check_output_dir
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, folder=False)
     scores, info = score(model, calib, **options)
     scores.save(out, overwrite=overwrite)
     return scores, {"out": str(out), **info}

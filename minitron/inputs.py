@@ -93,7 +93,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON ({e.msg} at line {e.lineno})", where=str(path)) from None
+        raise UserError(f"not valid JSON ({e.msg}, line {e.lineno})", where=str(path)) from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise UserError("not usable JSON (nested too deeply to read)", where=str(path)) from None
 
 
 # --- config.json ------------------------------------------------------------------------------------------------
@@ -172,6 +174,7 @@ def is_local(model: str | Path) -> bool:
 
 def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
     """A transformers ``PretrainedConfig`` for a local folder or a hub id, checked like :func:`read_config`."""
+    from huggingface_hub.errors import StrictDataclassError  # what transformers 5 raises for a field's type
     from transformers import AutoConfig
 
     if is_local(model):
@@ -184,9 +187,10 @@ def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
             where=str(model),
             fix="check the path or hub id, and HF_TOKEN / network access for gated hub models",
         ) from None
-    except (ValueError, TypeError, KeyError) as e:  # transformers' own validation of the fields
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"transformers cannot read this config ({reason[:200]})", where=str(model),
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:  # transformers' own validation of the fields
+        reason = " ".join(str(e).split()) or type(e).__name__  # the field and its fault may be on two lines
+        reason = reason if len(reason) <= 200 else reason[:199] + "…"
+        raise UserError(f"transformers cannot read this config ({reason})", where=str(model),
                         fix="fix or re-save config.json with save_pretrained") from None  # fmt: skip
     check_config(config, str(model))
     return config

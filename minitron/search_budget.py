@@ -15,6 +15,7 @@ Every record states the tolerance and why (``tolerance_why``), e.g. "±6.25% (th
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +56,13 @@ def parse_count(text: str, teacher_count: int, flag: str = "--target") -> int:
         raise UserError(
             f"cannot read {text!r} as a parameter count", where=flag, fix="pass e.g. 4B, 4.5B, 800M, 1.2e9 or 0.5x"
         )
-    count = round(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if count <= 0:
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    count = round(value) if math.isfinite(value) else None  # 1e400 reads as infinity
+    if count is not None and count <= 0:
         raise UserError(f"a parameter count must be positive, got {text!r}", where=flag)
-    if count >= teacher_count:
+    if count is None or count >= teacher_count:
         raise UserError(
-            f"{text} ({count:,}) is not smaller than the teacher's {teacher_count:,}",
+            f"{text}{'' if count is None else f' ({count:,})'} is not smaller than the teacher's {teacher_count:,}",
             where=flag,
             fix=f"pass a count below {human(teacher_count)}, or a fraction like 0.5x",
         )

@@ -1,6 +1,7 @@
 """Writing outputs: the destination is checked first, results appear whole or not at all with the user's
 umask, and the temporary siblings of a killed writer are cleaned up by the next one (never a live one's)."""
 
+import errno
 import os
 import stat
 import subprocess
@@ -106,3 +107,49 @@ def test_too_little_free_space_is_refused_when_the_size_is_known(tmp_path):
     with pytest.raises(UserError, match="not enough free space"):
         check_output_dir(tmp_path / "ckpt", overwrite=False, size=10**18)
     assert check_output_dir(tmp_path / "ckpt", overwrite=False, size=1) == tmp_path / "ckpt"
+
+
+def test_overwrite_never_replaces_a_file_by_a_folder_or_a_folder_by_a_file(tmp_path):
+    scores, checkpoint = tmp_path / "scores.safetensors", tmp_path / "student"
+    scores.write_bytes(b"scores")
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(UserError, match="is a file; --overwrite replaces it only with a file, and this writes a folder"):
+        with atomic_dir(scores, overwrite=True):
+            pass
+    with pytest.raises(UserError, match="is a folder; --overwrite replaces it only with a folder"):
+        with atomic_file(checkpoint, overwrite=True):
+            pass
+    assert scores.read_bytes() == b"scores" and (checkpoint / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.safetensors", "student"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
+     RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")],
+    ids=["ENOSPC", "EDQUOT", "safetensors"],
+)
+def test_a_result_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path, error):
+    for writer, out in ((atomic_dir, tmp_path / "student"), (atomic_file, tmp_path / "scores.safetensors")):
+        with pytest.raises(UserError, match="the disk filled up.*free some space on"), writer(out) as tmp:
+            (tmp / "half" if tmp.is_dir() else tmp).write_bytes(b"half")
+            raise error
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="killed"), atomic_dir(tmp_path / "student"):
+        raise RuntimeError("killed")  # any other failure keeps its own error
+
+
+def test_a_failed_write_removes_the_folders_it_created_above_the_output(tmp_path):
+    for writer in (atomic_dir, atomic_file):
+        with pytest.raises(RuntimeError), writer(tmp_path / "runs" / "a" / "out"):
+            raise RuntimeError("killed")
+        assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "keep.txt").write_text("mine")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "runs" / "a" / "out"):
+        raise RuntimeError("killed")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["keep.txt"]
+    with atomic_dir(tmp_path / "runs" / "a" / "out") as tmp:
+        (tmp / "v").write_text("1")
+    assert (tmp_path / "runs" / "a" / "out" / "v").read_text() == "1"

@@ -82,6 +82,8 @@ CASES = [
     case("config-negative-layers", "inspect {zoo}/cfg-neg-layers", "num_hidden_layers", "-2"),
     case("config-no-hidden-size", "inspect {zoo}/cfg-no-hidden", "hidden_size"),
     case("config-heads-not-grouped", "inspect {zoo}/cfg-kv3", "num_key_value_heads", "multiple"),
+    case("config-nested-too-deeply", "inspect {zoo}/cfg-deep", "config.json", "nested too deeply"),
+    case("config-field-of-wrong-type", "inspect {zoo}/cfg-rope", "transformers cannot read this config", "rope_parameters"),
     # --- importance: weights and calibration text, all refused before any work -------------------------------
     case("importance-config-only", "importance {zoo}/config-only --calib {zoo}/calib.txt -o {tmp}/s.safetensors --samples 2 --seq-len 8",
          "config-only", "no *.safetensors"),
@@ -202,6 +204,12 @@ CASES = [
     case("importance-out-below-a-file", IMPORTANCE_TO.format(out="{zoo}/calib.txt/s.safetensors"), "calib.txt", "is a file, not a folder"),
     case("importance-out-read-only", IMPORTANCE_TO.format(out="/proc/self/s.safetensors"), "/proc/self", "cannot write here"),
     case("prune-out-below-a-file", "prune {zoo}/good --drop-layers 1 -o {zoo}/calib.txt/out", "is a file, not a folder"),
+    case("prune-overwrite-a-file", "prune {zoo}/good --drop-layers 1 -o {zoo}/calib.txt --overwrite", "calib.txt",
+         "is a file", "only with a file"),
+    case("importance-overwrite-a-folder", IMPORTANCE_TO.format(out="{zoo}/good") + " --overwrite", "is a folder",
+         "remove it yourself first"),
+    case("prune-target-beyond-float", "prune {zoo}/good --target 1e400 --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o {tmp}/out",
+         "--target", "1e400", "not smaller"),
     case("prune-out-read-only", "prune {zoo}/good --drop-layers 1 -o /proc/self/out", "/proc/self", "cannot write here"),
     case("prune-search-out-read-only", "prune {zoo}/good --target 0.9x --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o /proc/self/out",
          "cannot write here"),
@@ -280,6 +288,8 @@ def build_zoo(zoo: Path) -> None:
         "cfg-zero-heads": {**config, "num_attention_heads": 0}, "cfg-neg-layers": {**config, "num_hidden_layers": -2},
         "cfg-no-hidden": {k: v for k, v in config.items() if k != "hidden_size"},
         "cfg-kv3": {**config, "num_key_value_heads": 3},
+        "cfg-deep": b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "cfg-rope": {**config, "rope_parameters": "abc"},  # transformers 5 checks the field's type
         # 12 heads of 32 in 2 groups over 72 channels: --heads 10 fits the groups but not the hidden size.
         "wide": {**config, "hidden_size": 72, "num_attention_heads": 12, "num_key_value_heads": 2},
     }.items():  # fmt: skip

@@ -220,6 +220,34 @@ def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
     ]
 
 
+@pytest.mark.parametrize(
+    "file, damage",
+    [("state.json", lambda b: b[:-10]), ("model.safetensors", lambda b: b[: len(b) // 2]),
+     ("optimizer.pt", lambda b: b[: len(b) // 2]), ("rng-0.safetensors", lambda b: b"\x00" * 8)],
+)
+def test_resume_refuses_a_damaged_checkpoint_before_loading_any_model(tmp_path, monkeypatch, file, damage):
+    teacher, student = make_pair(tmp_path)
+    common = ("budget.steps=3", "checkpoint.every=1", "eval.every=0")  # checkpoints at steps 1 and 2
+    train(recipe(tmp_path, teacher, student, "run", *common))
+    run = tmp_path / "run"
+    shutil.rmtree(run / "final")  # as if killed in the last step
+    damaged = run / "checkpoints" / "step-00000002" / file
+    damaged.write_bytes(damage(damaged.read_bytes()))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(distill, "load_models", never)
+        with pytest.raises(UserError) as e:
+            train(recipe(tmp_path, teacher, student, "run", *common), resume=True)
+    assert all(words in e.value.line() for words in (str(damaged), "damaged checkpoint", "delete that step-* folder"))
+    # The advice works: without the damaged step, the run resumes from the one before.
+    shutil.rmtree(damaged.parent)
+    assert train(recipe(tmp_path, teacher, student, "run", *common), resume=True).is_dir()
+    assert [m["step"] for m in metrics(run) if "loss" in m][-2:] == [2, 3]
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path):
     teacher, student = make_pair(tmp_path)
     train(recipe(tmp_path, teacher, student, "run", "budget.steps=2"))

@@ -27,7 +27,7 @@ def test_parse_count(text, expected):
 
 @pytest.mark.parametrize("text, needle", [("1x", "between 0 and 1"), ("1.5x", "between 0 and 1"),
                                           ("9B", "not smaller"), ("8.04B", "not smaller"), ("four", "cannot read"),
-                                          ("0", "positive")])
+                                          ("0", "positive"), ("1e400", "not smaller")])
 def test_parse_count_refuses(text, needle):
     with pytest.raises(UserError, match=needle):
         parse_count(text, 8_030_261_248)
