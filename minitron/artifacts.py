@@ -14,7 +14,8 @@ Three promises live here, for every verb:
   each). The pid and a hash of the host name in the name tell a dead writer from a live one: a sibling of a
   run still in progress (here, or on another machine sharing the folder) is never touched.
 
-Files and folders get the user's umask (0755/0644 typically), like any other tool's: teams share checkpoints.
+Files and folders get the user's umask (0755/0644 typically), like any other tool's: teams share checkpoints
+(:func:`give_umask`, also for files that a library wrote with 0600).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, *, size: int | None = N
         tmp = _new_dir(out)
         try:
             yield tmp
+            give_umask(tmp)
             _swap_in(tmp, out)
         except BaseException:
             _remove(tmp)
@@ -238,6 +240,7 @@ def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         tmp = _new_file(out)
         try:
             yield tmp
+            give_umask(tmp)
             _swap_in(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -246,6 +249,30 @@ def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         _remove_made(made)
         _refuse_if_disk_full(e, out)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` can only be read by
+    setting it, which another thread creating a file at that instant would see)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask(path: Path) -> None:
+    """Give ``path`` and everything below it the modes the umask gives a newly created file or folder.
+    Writers that go through a private temporary file of their own (safetensors' ``save_file``, hence
+    ``save_pretrained``) leave 0600, which would keep a shared checkpoint from the rest of a team."""
+    mask = umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or item.stat().st_mode & 0o111
+        os.chmod(item, (0o777 if executable else 0o666) & ~mask)
 
 
 def _make_parents(out: Path) -> list[Path]:

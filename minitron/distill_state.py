@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minitron.artifacts import atomic_file
+from minitron.artifacts import atomic_file, give_umask
 from minitron.distill_data import World, barrier
 from minitron.errors import UserError
 from minitron.recipe import Recipe, load_recipe
@@ -153,6 +153,7 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, world, *, keep, 
             }  # fmt: skip
             barrier(world)  # every process has written its RNG state
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            give_umask(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays beside the complete ones

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from minitron.artifacts import atomic_dir, atomic_file, check_output_dir, clear_leftovers, sibling
 from minitron.errors import UserError
@@ -34,10 +36,14 @@ def umask_022():
 def test_outputs_get_the_users_umask_not_0700(tmp_path, umask_022):
     with atomic_dir(tmp_path / "ckpt") as tmp:
         (tmp / "w.bin").write_bytes(b"x")
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors itself writes 0600
+        (tmp / "sub").mkdir(mode=0o700)
     with atomic_file(tmp_path / "scores.safetensors") as tmp:
-        tmp.write_bytes(b"x")
+        save_file({"w": torch.zeros(2)}, tmp)
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ckpt" / "sub").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "ckpt" / "w.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ckpt" / "model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "scores.safetensors").stat().st_mode) == 0o644
 
 

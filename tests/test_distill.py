@@ -220,6 +220,19 @@ def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
     ]
 
 
+def test_checkpoints_and_the_final_student_get_the_users_umask(tmp_path):
+    teacher, student = make_pair(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        train(recipe(tmp_path, teacher, student, "run", "budget.steps=2", "checkpoint.every=1", "eval.every=0"))
+    finally:
+        os.umask(previous)
+    run = tmp_path / "run"
+    written = [p for p in (run / "final").iterdir()] + list((run / "checkpoints" / "step-00000001").iterdir())
+    assert {p.name for p in written} >= {"model.safetensors", "optimizer.pt", "rng-0.safetensors", "config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o644" for p in written}
+
+
 @pytest.mark.parametrize(
     "file, damage",
     [("state.json", lambda b: b[:-10]), ("model.safetensors", lambda b: b[: len(b) // 2]),
