@@ -235,7 +235,7 @@ def distill(
         Optional[list[str]], typer.Argument(help="key=value overrides with dotted keys, e.g. optimizer.lr=3e-5.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Validate, check local paths, print the resolved recipe.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate, check local paths and the run folder, print the resolved recipe.")] = False,
     trust_remote_code: bool = False,
 ) -> None:
     """Distill a student from its teacher as RECIPE says (many processes: torchrun or accelerate launch)."""
@@ -246,7 +246,10 @@ def distill(
 
     resolved = load_recipe(recipe, overrides or [])
     if dry_run:
+        from minitron.distill_state import check_run_dir
+
         notes = check_paths(resolved)
+        check_run_dir(resolved, resume)  # the run folder as the run would find it: exists, writable, resumable
         print(resolved.to_yaml(), end="")
         for note in notes:
             err_console.print(f"note: {note}", highlight=False)

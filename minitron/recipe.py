@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from minitron.errors import UserError
 from minitron.inputs import read_text
 
 # --- the schema -----------------------------------------------------------------------------------------------
+
+# Every count is Strict: pydantic would otherwise take `steps: true` for 1 and `2.0` for 2.
+_Layer = Annotated[int, Strict(), Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -46,14 +49,14 @@ class Data(_Section):
     """A .txt / .jsonl / .parquet file, a folder of them, or a ``datasets`` hub name (``name:config``)."""
     split: str = "train"
     """Split read from a hub dataset."""
-    seq_len: Annotated[int, Field(ge=2)]
+    seq_len: Annotated[int, Strict(), Field(ge=2)]
     """Tokens per packed block: documents are joined with EOS and cut into blocks of this length."""
     cache_dir: str | None = None
     """Where tokenized data is cached (default ``$MINITRON_CACHE`` or ``~/.cache/minitron``)."""
 
 
 class Hidden(_Section):
-    pairs: Annotated[list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]], Field(min_length=1)]
+    pairs: Annotated[list[tuple[_Layer, _Layer]], Field(min_length=1)]
     """``[student_layer, teacher_layer]`` pairs of hidden states: 0 = the embeddings, i = the residual stream
     after decoder layer i (1-based), always before the final norm, the last layer included."""
     kind: Literal["cosine", "mse"] = "cosine"
@@ -69,7 +72,7 @@ class Loss(_Section):
     """Weight of the student's next-token cross entropy on the data."""
     hidden: Hidden | None = None
     """Optional intermediate-state losses, weighted dynamically to the logit loss's size (2407.14679)."""
-    chunk_size: Annotated[int, Field(ge=1)] = 1024
+    chunk_size: Annotated[int, Strict(), Field(ge=1)] = 1024
     """Tokens per chunk of the fused output-head losses (memory ∝ chunk_size × vocab)."""
 
     @model_validator(mode="after")
@@ -85,7 +88,7 @@ class Optimizer(_Section):
     """Peak learning rate, reached after the warm-up."""
     min_lr: Annotated[float, Field(ge=0)] = 0.0
     """Learning rate at the end of the cosine decay."""
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_steps: Annotated[int, Strict(), Field(ge=0)] = 0
     """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
     schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
@@ -104,11 +107,11 @@ class Optimizer(_Section):
 class Batch(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    micro: Annotated[int, Field(ge=1)]
+    micro: Annotated[int, Strict(), Field(ge=1)]
     """Sequences per forward pass on each process."""
-    accumulation: Annotated[int, Field(ge=1)] | None = None
+    accumulation: Annotated[int, Strict(), Field(ge=1)] | None = None
     """Micro-batches per optimizer step; ``null``: derived as global / (micro × processes)."""
-    global_: Annotated[int, Field(ge=1, alias="global")]
+    global_: Annotated[int, Strict(), Field(ge=1, alias="global")]
     """Sequences per optimizer step over all processes and accumulation steps."""
 
     def accumulation_for(self, world_size: int) -> int:
@@ -133,9 +136,9 @@ class Batch(_Section):
 
 
 class Budget(_Section):
-    steps: Annotated[int, Field(ge=1)] | None = None
+    steps: Annotated[int, Strict(), Field(ge=1)] | None = None
     """Optimizer steps to train for."""
-    tokens: Annotated[int, Field(ge=1)] | None = None
+    tokens: Annotated[int, Strict(), Field(ge=1)] | None = None
     """Tokens to train on; steps = ceil(tokens / (global batch × seq_len))."""
 
     @model_validator(mode="after")
@@ -146,16 +149,16 @@ class Budget(_Section):
 
 
 class Eval(_Section):
-    every: Annotated[int, Field(ge=0)] = 0
+    every: Annotated[int, Strict(), Field(ge=0)] = 0
     """Evaluate on held-out blocks every N steps (also before the first and after the last); 0: only those."""
-    blocks: Annotated[int, Field(ge=1)] = 8
+    blocks: Annotated[int, Strict(), Field(ge=1)] = 8
     """Packed blocks held out of training for evaluation (LM loss, and KL to the teacher)."""
 
 
 class Checkpoint(_Section):
-    every: Annotated[int, Field(ge=0)] = 0
+    every: Annotated[int, Strict(), Field(ge=0)] = 0
     """Save a resumable checkpoint every N steps; 0: never (the final model is always saved)."""
-    keep: Annotated[int, Field(ge=1)] = 2
+    keep: Annotated[int, Strict(), Field(ge=1)] = 2
     """How many of the newest checkpoints to keep."""
 
 
@@ -182,7 +185,7 @@ class Recipe(_Section):
     eval: Eval = Eval()
     checkpoint: Checkpoint = Checkpoint()
     output: Output
-    seed: int = 0
+    seed: Annotated[int, Strict()] = 0
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> "Recipe":

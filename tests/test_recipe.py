@@ -162,8 +162,25 @@ def test_dry_run_prints_the_resolved_recipe(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "run, extra, needles",
+    [("exists", [], ["run folder already exists", "--resume"]),
+     ("/proc/self/run", [], ["/proc/self", "cannot write here"]),
+     ("missing", ["--resume"], ["nothing to resume"])],
+)
+def test_dry_run_refuses_the_run_folder_the_run_would_refuse(tmp_path, run, extra, needles):
+    teacher = save_checkpoint(tmp_path / "teacher")
+    (tmp_path / "exists").mkdir()
+    run_dir = run if run.startswith("/") else tmp_path / run
+    result = cli(TINY, "--dry-run", *extra, f"teacher.path={teacher}", f"student.path={teacher}",
+                 f"data.source={DATA}", f"output.dir={run_dir}")  # fmt: skip
+    assert_user_error(result, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "teacher"]
+
+
+@pytest.mark.parametrize(
     "override,needles",
-    [("optimizer.lrr=1", ["optimizer.lrr", "unknown key"]), ("batch.micro=two", ["batch.micro", "valid integer"])],
+    [("optimizer.lrr=1", ["optimizer.lrr", "unknown key"]), ("batch.micro=two", ["batch.micro", "valid integer"]),
+     ("budget.steps=true", ["budget.steps", "valid integer", "True"]), ("batch.micro=2.0", ["batch.micro", "2.0"])],
 )
 def test_cli_schema_errors(tmp_path, override, needles):
     assert_user_error(cli(TINY, override, f"output.dir={tmp_path / 'run'}"), *needles)
