@@ -57,11 +57,12 @@ def token_blocks(
     seed: int,
     split: str = "train",
     what: str = "calibration data",
+    flags: str = "--samples / --seq-len",
 ) -> torch.LongTensor:
     """``samples`` blocks of ``seq_len`` token ids, ``[samples, seq_len]``, the same for the same seed.
 
     ``source`` is anything :func:`load_texts` reads, or a list of documents already loaded; ``what`` names
-    the text in an error (a list has no path to name).
+    the text in an error (a list has no path to name), ``flags`` what the user can lower when it is too short.
     """
     if seq_len < 2 or samples < 1:
         raise UserError(
@@ -87,7 +88,7 @@ def token_blocks(
         raise UserError(
             f"{what} has {len(stream):,} tokens, fewer than samples × seq_len = {needed:,}",
             where=where,
-            fix="pass more text, or lower --samples / --seq-len",
+            fix=f"pass more text, or lower {flags}",
         )
     return torch.tensor(stream[:needed], dtype=torch.long).view(samples, seq_len)
 
@@ -154,15 +155,22 @@ def _text_field(record: Any) -> str | None:
 
 
 def _read_parquet(path: Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    fix = "re-write it, e.g. pandas' DataFrame.to_parquet, or give the text as .txt / .jsonl"
+    try:
+        columns = pq.ParquetFile(path).schema_arrow.names  # the footer alone: says whether it is parquet at all
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"not a readable parquet file ({str(e).splitlines()[0][:120]})", where=str(path),
+                        fix=fix) from None  # fmt: skip
+    if "text" not in columns:
+        raise UserError(f"no 'text' column (it has: {', '.join(columns[:8]) or 'none'})", where=str(path),
+                        fix="name the text column 'text'")  # fmt: skip
     try:
         table = pq.read_table(path, columns=["text"])
-    except (KeyError, ValueError) as e:
-        # pyarrow reports a missing column as a ValueError/KeyError whose text names it.
-        raise UserError(f"no 'text' column ({e})", where=str(path), fix="name the text column 'text'") from None
-    except OSError as e:
-        raise UserError(f"cannot read parquet ({e})", where=str(path)) from None
+    except (pa.ArrowException, OSError, ValueError) as e:  # a footer that is whole over damaged data
+        raise UserError(f"damaged parquet file ({str(e).splitlines()[0][:120]})", where=str(path), fix=fix) from None
     return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
 
 

@@ -41,7 +41,8 @@ def _root(data_dir: str | Path | None) -> Path:
         )
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise UserError("no such folder", where=f"--data-dir {root}", fix="pass the folder that holds the task folders")
+        what = "a file, not a folder" if root.exists() else "no such folder"
+        raise UserError(what, where=f"--data-dir {root}", fix="pass the folder that holds the task folders")
     return root
 
 

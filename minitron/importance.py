@@ -105,7 +105,8 @@ class Scores:
 
         path = Path(path)
         if not path.is_file():
-            raise UserError("no such scores file", where=str(path), fix="run `minitron importance` first")
+            what = "a folder, not a scores file" if path.is_dir() else "no such scores file"
+            raise UserError(what, where=str(path), fix="pass the file `minitron importance -o` wrote, or run it first")
         fix = "recompute it with `minitron importance`"
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:

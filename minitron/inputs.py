@@ -262,7 +262,7 @@ def weights_index(folder: str | Path) -> dict[str, Stored]:
         # files may sit beside them (a pruned student keeps its scores.safetensors there).
         files = [WEIGHTS_FILE]
     else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
+        files = sorted(p.name for p in src.glob("*.safetensors") if p.is_file())
     if not files:
         pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
         if pickles:
@@ -273,7 +273,8 @@ def weights_index(folder: str | Path) -> dict[str, Stored]:
     for name in files:
         path = src / name
         if not path.is_file():
-            raise UserError("shard named in the index is missing", where=str(path), fix="re-download the checkpoint")
+            what = "a folder, not a weights file" if path.is_dir() else "shard named in the index is missing"
+            raise UserError(what, where=str(path), fix="re-download the checkpoint")
         try:
             # numpy: the headers are read without importing torch.
             with safe_open(str(path), "np") as f:

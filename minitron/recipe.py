@@ -212,7 +212,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override and validate a recipe; every problem is one :class:`UserError` line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError("no such recipe file", where=str(path), fix="pass a YAML file, e.g. recipes/tiny-cpu.yaml")
+        what = "a folder, not a recipe file" if path.is_dir() else "no such recipe file"
+        raise UserError(what, where=str(path), fix="pass a YAML file, e.g. recipes/tiny-cpu.yaml")
     try:
         data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:

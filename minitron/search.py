@@ -152,8 +152,9 @@ def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, t
         src, trust_remote_code=trust_remote_code, fix="--calib needs the teacher's tokenizer files beside its weights"
     )
     blocks = token_blocks(
-        tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed
-    )
+        tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed,
+        flags="--samples, --heldout-samples or --seq-len",
+    )  # fmt: skip
     return blocks[:samples], blocks[samples:]
 
 

@@ -156,6 +156,10 @@ CASES = [
     case("prune-search-missing-tensor", "prune {zoo}/no-k-proj --target 0.9x --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o {tmp}/out",
          "lacks model.layers.1.self_attn.k_proj.weight"),
     # --- distill: recipes and what they point to ------------------------------------------------------------------
+    case("distill-recipe-a-folder", "distill {zoo}/empty-folder", "a folder, not a recipe file"),
+    case("prune-scores-a-folder", "prune {zoo}/good --ffn-size 48 --scores {zoo}/empty-folder -o {tmp}/out",
+         "a folder, not a scores file"),
+    case("eval-data-dir-a-file", EVAL + " --data-dir {zoo}/calib.txt", "--data-dir", "a file, not a folder"),
     case("distill-recipe-not-utf8", "distill {zoo}/latin1.yaml", "latin1.yaml", "not UTF-8"),
     case("distill-recipe-binary", "distill {zoo}/binary.yaml", "binary.yaml", "binary"),
     case("distill-recipe-list", "distill {zoo}/list.yaml", "list.yaml", "mapping"),

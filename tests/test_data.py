@@ -76,6 +76,24 @@ def test_no_text_is_a_user_error_naming_the_file(tmp_path, kind):
     assert str(target) in e.value.line()
 
 
+@pytest.mark.parametrize(
+    "kind, words",
+    [("not parquet", "not a readable parquet file"), ("cut short", "not a readable parquet file"),
+     ("no text column", "no 'text' column (it has: content, n)")],
+)
+def test_a_broken_parquet_file_is_named_for_what_is_wrong(tmp_path, kind, words):
+    path = tmp_path / "d.parquet"
+    if kind == "not parquet":
+        path.write_text("text\nhello\n")
+    else:
+        pq.write_table(pa.table({"content" if kind == "no text column" else "text": DOCS, "n": range(len(DOCS))}), path)
+        if kind == "cut short":
+            path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(UserError) as e:
+        load_texts(path)
+    assert str(path) in e.value.line() and words in e.value.line()
+
+
 def test_blocks_pack_documents_joined_with_eos(tokenizer, tmp_path):
     docs = [f"the fox {i} jumps over the dog" for i in range(40)]
     blocks = token_blocks(tokenizer, docs, seq_len=16, samples=5, seed=0)
