@@ -307,6 +307,7 @@ def _train(recipe: Recipe, world: World, *, resume: bool, trust_remote_code: boo
         packed_blocks(recipe.data, tokenizer, world), heldout=recipe.eval.blocks, seed=recipe.seed,
         reserve=resumed_reserve(run_dir) if resume else None,
     )  # fmt: skip
+    data.check_batch(recipe.batch.global_)
     heldout = data.evaluation(recipe.batch.micro, world)
     model = load_models(recipe, world, trust_remote_code)
     optimizer, scheduler = make_optimizer(model, recipe.optimizer, total_steps)

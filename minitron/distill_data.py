@@ -182,6 +182,15 @@ class Blocks:
         self.heldout, self.train = np.sort(order[:heldout]), order[reserve:]
         self._epochs: dict[int, np.ndarray] = {}
 
+    def check_batch(self, global_batch: int) -> None:
+        """Refuse a step larger than the training blocks: it would read blocks twice in one step, and its
+        size, not the data's, would set the memory (batch.micro 100000 on 100 blocks fills any machine)."""
+        if global_batch > len(self.train):
+            raise UserError(
+                f"a step of {global_batch} blocks is more than the {len(self.train)} blocks there are to train on",
+                where="batch.global", fix=f"set batch.global (and batch.micro) to at most {len(self.train)}, or use more text",
+            )  # fmt: skip
+
     def _epoch(self, epoch: int) -> np.ndarray:
         if epoch not in self._epochs:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)

@@ -82,6 +82,24 @@ class Settings:
         parse_tasks(self.tasks)  # a typo in --tasks is refused now, not after an hour of distillation
 
 
+# Held-out blocks of the distillation, scored before the first step and after the last.
+EVAL_BLOCKS = 16
+
+
+def check_batch(teacher: Path, text: Path, s: Settings) -> None:
+    """Refuse ``--batch`` beyond the blocks the distillation text packs into, before any stage runs. The
+    text is tokenized into distill's cache, where the distillation stage finds it (a few seconds, not extra)."""
+    from minitron.distill_data import Blocks, init_world, packed_blocks
+    from minitron.inputs import load_tokenizer
+    from minitron.recipe import Data
+
+    blocks = packed_blocks(Data(source=str(text), seq_len=s.seq_len), load_tokenizer(teacher), init_world())
+    try:
+        Blocks(blocks, heldout=EVAL_BLOCKS, seed=s.seed).check_batch(s.batch)
+    except UserError as e:
+        raise UserError(e.what, where="--batch", fix=f"pass --batch {len(blocks) - EVAL_BLOCKS} or less") from None
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each stage writes inside the output folder."""
@@ -247,7 +265,7 @@ def distill_recipe(teacher: Path, text: Path, layout: Layout, s: Settings):
         # float32 on a CPU: bf16 autocast there is slower and gains nothing at this size.
         "precision": "fp32",
         # Held-out blocks, scored before the first and after the last step: the recovery the summary shows.
-        "eval": {"every": 0, "blocks": 16},
+        "eval": {"every": 0, "blocks": EVAL_BLOCKS},
         "checkpoint": {"every": 0},
         "output": {"dir": str(layout.distill_run)},
         "seed": s.seed,
@@ -339,6 +357,7 @@ def run(
     out = check_output_dir(out, overwrite)
     teacher = Path(teacher) if teacher is not None else assets.teacher_path()
     read_config(teacher)
+    check_batch(teacher, training_text(), s)
     command = command or f"minitron.quickstart.run({str(out)!r})"
     console = Console(quiet=not show_progress)
     timings: dict[str, float] = {}

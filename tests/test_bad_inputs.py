@@ -201,6 +201,8 @@ CASES = [
     # --- quickstart: refused before any model is loaded ----------------------------------------------------------
     case("quickstart-bogus-task", "quickstart -o {tmp}/qs --tasks bogus", "--tasks", "bogus"),
     case("quickstart-zero-steps", "quickstart -o {tmp}/qs --steps 0", "--steps"),
+    case("quickstart-batch-beyond-the-text", "quickstart -o {tmp}/qs --batch 100000", "--batch", "to train on",
+         "--batch 11815 or less"),
     case("quickstart-out-exists", "quickstart -o {zoo}/good", "already exists"),
     # --- rows of issue 10 §2 (destinations, interrupted runs, --resume) follow here ---------------------------
     # Owned by helper `outputs`. Every verb checks its destination before any work: a path below a file, a
@@ -226,6 +228,8 @@ CASES = [
     case("distill-out-read-only", DISTILL_GOOD + " output.dir=/proc/self/run", "/proc/self", "cannot write here"),
     # distill refuses before it creates the run folder (the snapshot sees no run/recipe.yaml).
     case("distill-eval-blocks-too-many", DISTILL_GOOD + " eval.blocks=100000", "data.source", "held out for evaluation"),
+    case("distill-batch-beyond-the-data", DISTILL_GOOD + " batch.micro=100000 batch.global=100000", "batch.global",
+         "blocks there are to train on"),
     case("distill-hidden-pair-out-of-range", DISTILL_GOOD + " loss.hidden.pairs=[[1,9]]", "loss.hidden.pairs", "teacher layer 9"),
     # --resume: nothing to resume, not a run, a changed recipe; and a run that exists without --resume.
     case("distill-resume-nothing", DISTILL_GOOD + " --resume", "nothing to resume", "drop --resume"),
