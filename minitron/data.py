@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from minitron.errors import UserError
-from minitron.inputs import read_text, text_lines
+from minitron.inputs import hub_quiet, read_text, text_lines
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Documents per tokenizer call: large enough to amortise the call, small enough not to over-tokenize.
@@ -43,7 +43,7 @@ def load_texts(source: str | Path, *, split: str = "train") -> list[str]:
         return texts
     if path.is_file():
         return _read_file(path, allow_empty=False)
-    if _looks_local(str(source)):
+    if looks_local(str(source)):
         raise UserError("no such calibration file or folder", where=str(source), fix="check the path")
     return _read_hub(str(source), split)
 
@@ -174,11 +174,15 @@ def _read_parquet(path: Path) -> list[str]:
     return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
 
 
-def _looks_local(source: str) -> bool:
-    # A hub name is "name" or "org/name" (with an optional ":config"); anything with a file suffix, more
-    # slashes or a path prefix was meant as a local path.
+def looks_local(source: str) -> bool:
+    """Whether a text source that does not exist was meant as a local path. A hub name is "name" or
+    "org/name" (with an optional ":config"); anything with a file suffix, more slashes, a path prefix, or a
+    first part that is a folder here (``data/wikitxt``, a typo) was meant as a local path."""
     name = source.split(":", 1)[0]
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in SUFFIXES
+    return (
+        name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in SUFFIXES
+        or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())
+    )  # fmt: skip
 
 
 def _read_hub(source: str, split: str) -> list[str]:
@@ -186,7 +190,8 @@ def _read_hub(source: str, split: str) -> list[str]:
 
     name, _, config = source.partition(":")
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split)
+        with hub_quiet():
+            dataset = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # datasets raises many types (network, missing config, missing split)
         raise UserError(
             f"cannot load hub dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",

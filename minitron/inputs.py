@@ -18,7 +18,9 @@ transformers would otherwise initialise a missing tensor at random and carry on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +169,29 @@ def read_config(model: str | Path) -> dict[str, Any]:
 
 
 def is_local(model: str | Path) -> bool:
-    """A path that exists, or one that looks like a path rather than a hub id ``org/name``."""
+    """A path that exists, or one that looks like a path rather than a hub id ``org/name``: it starts like a
+    path, has not exactly one slash, or its first part is a folder here (``runs/studnet``, a typo, is refused
+    as a missing folder at once instead of being looked up on the hub)."""
     text = str(model)
-    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+    return (
+        Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+        or Path(text.split("/")[0]).is_dir()
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def hub_quiet() -> Iterator[None]:
+    """huggingface_hub (and datasets) log each retry of a request ("Retrying in 8s [Retry 4/5]") to stderr;
+    while minitron asks the hub, only its own one-line error may speak for a failure."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
@@ -180,7 +202,8 @@ def load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
     if is_local(model):
         read_config(model)  # raises the one-line errors before transformers gets a chance to
     try:
-        config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+        with hub_quiet():
+            config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(
             f"cannot load a config ({str(e).splitlines()[0]})",
@@ -334,10 +357,11 @@ def load_model(model: str | Path, *, dtype: Any, trust_remote_code: bool = False
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report is replaced by the one-line error below
     try:
-        lm, report = AutoModelForCausalLM.from_pretrained(
-            str(model), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-            output_loading_info=True, **options,
-        )  # fmt: skip
+        with hub_quiet():
+            lm, report = AutoModelForCausalLM.from_pretrained(
+                str(model), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                output_loading_info=True, **options,
+            )  # fmt: skip
     except OSError as e:
         raise UserError(f"cannot load the model weights ({str(e).splitlines()[0]})", where=str(model),
                         fix="pass a checkpoint folder or hub id with safetensors weights") from None  # fmt: skip
@@ -363,7 +387,8 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        with hub_quiet():
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load a tokenizer ({reason[:200]})", where=str(source), fix=fix) from None

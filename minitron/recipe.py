@@ -323,6 +323,7 @@ def check_paths(recipe: Recipe) -> list[str]:
 
     Returns notes on what could not be checked offline (hub ids).
     """
+    from minitron.data import looks_local
     from minitron.inputs import read_config
 
     notes = []
@@ -339,19 +340,11 @@ def check_paths(recipe: Recipe) -> list[str]:
     source = recipe.data.source
     if Path(source).exists():
         pass
-    elif _looks_like_path(source):
+    elif looks_local(source):
         raise UserError("no such data file or folder", where=f"data.source {source}", fix="check the path")
     else:
         notes.append(f"data.source {source} is a hub dataset: read when the run starts")
     return notes
-
-
-def _looks_like_path(source: str) -> bool:
-    from minitron.data import SUFFIXES
-
-    # Hub datasets are "name", "org/name" or "name:config"; anything else was meant as a local path.
-    name = source.split(":", 1)[0]
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in SUFFIXES
 
 
 def check_inputs(recipe: Recipe, *, trust_remote_code: bool = False) -> tuple[Any, Any | None, Any]:

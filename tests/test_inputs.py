@@ -125,3 +125,22 @@ def test_check_seq_len_allows_the_full_context_and_no_more():
     inputs.check_seq_len({"max_position_embeddings": 256}, 256, "--seq-len")
     with pytest.raises(UserError, match="--seq-len: 257 tokens is more than the model's context of 256"):
         inputs.check_seq_len({"max_position_embeddings": 256}, 257, "--seq-len")
+
+
+def test_a_path_whose_first_part_is_a_folder_here_is_local_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert inputs.is_local("runs/studnet") and not inputs.is_local("meta-llama/Llama-3.1-8B")
+    with pytest.raises(UserError, match="runs/studnet: no such file or folder"):
+        inputs.load_config("runs/studnet")  # at once: not looked up on the hub
+
+
+def test_hub_retries_are_not_logged_while_minitron_asks_the_hub(caplog):
+    import logging
+
+    hub = logging.getLogger("huggingface_hub.utils._http")
+    with caplog.at_level(logging.WARNING):
+        with inputs.hub_quiet():
+            hub.warning("Retrying in 8s [Retry 4/5].")
+        hub.warning("after")
+    assert [r.getMessage() for r in caplog.records] == ["after"]
