@@ -88,7 +88,7 @@ def check_writable(out: str | Path, *, size: int | None = None) -> None:
         # Overwriting frees the old output only after the new one is complete: it does not count as free.
         if free < size * _SPACE_MARGIN:
             raise UserError(
-                f"not enough free space: the result needs about {_gb(size)}, {_gb(free)} free",
+                f"not enough free space: the result needs about {_gb(size * _SPACE_MARGIN)}, {_gb(free)} free",
                 where=str(base), fix="free some space or choose another disk",
             )  # fmt: skip
 

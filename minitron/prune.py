@@ -342,7 +342,8 @@ def prune_checkpoint(
 
     entries = [(item.name, stored[item.source].dtype, plan.student.stored_shape(item.spec)) for item in items]
     sizes = [math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in entries]
-    check_output_dir(out, overwrite, size=sum(sizes))
+    scores_bytes = sum(t.numel() * t.element_size() for t in scores.tensors.values()) if scores is not None else 0
+    check_output_dir(out, overwrite, size=sum(sizes) + copied_bytes(src) + scores_bytes)
     shards = _shards(sizes, max_shard_bytes)
     names = (
         ["model.safetensors"]
@@ -389,12 +390,20 @@ class Calibration:
     seed: int = 0
 
 
-def student_bytes(stored: dict[str, Stored], student: Shape) -> int:
+def student_bytes(stored: dict[str, Stored], student: Shape, src: Path | None = None) -> int:
     """The bytes of ``student``'s checkpoint at the teacher's stored bytes per parameter (``stored``: the
-    teacher's tensor index): known before calibration chooses what stays, so free space is checked first."""
+    teacher's tensor index), with the files copied from the teacher's folder ``src`` (tokenizer, licence):
+    known before calibration chooses what stays, so free space is checked first."""
     stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
     stored_params = sum(math.prod(t.shape) for t in stored.values())
-    return student.counts()["total"] * stored_bytes // max(1, stored_params)
+    return student.counts()["total"] * stored_bytes // max(1, stored_params) + copied_bytes(src)
+
+
+def copied_bytes(src: Path | None) -> int:
+    """The bytes of the files :data:`COPIED` from ``src`` into the student's folder."""
+    if src is None:
+        return 0
+    return sum(p.stat().st_size for pattern in COPIED for p in Path(src).glob(pattern) if p.is_file())
 
 
 def local_checkpoint(model: str) -> Path:
@@ -465,7 +474,7 @@ def run(
     check_output_dir(out, overwrite)
     src = local_checkpoint(model)
     stored = check_weights(src, teacher)  # a broken checkpoint is refused before an hour of calibration, not after
-    check_output_dir(out, overwrite, size=student_bytes(stored, student))
+    check_output_dir(out, overwrite, size=student_bytes(stored, student, src))
     if calibration is None:
         # Made now, before any weight is read, so that missing scores are reported at once.
         plan = make_plan(teacher, student, scores, drop_layers)

@@ -204,7 +204,7 @@ def run(
     src = pruning.local_checkpoint(model)
     stored = check_weights(src, teacher)  # a broken checkpoint is refused before any calibration, not after
     # Whichever candidate wins, its checkpoint must fit: the largest one shortlisted sets the space needed.
-    check_output_dir(out, overwrite, size=max(pruning.student_bytes(stored, c.shape) for c in shortlist))
+    check_output_dir(out, overwrite, size=max(pruning.student_bytes(stored, c.shape, src) for c in shortlist))
     scores = Scores.load(scores_file, expect=teacher) if scores_file is not None else None
     if _needs_data(shortlist, teacher, ranking, scores) and calibration is None:
         raise UserError(
