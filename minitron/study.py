@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -428,6 +429,21 @@ def run_part(part: str, teacher: Path, shape: Any, blocks, s: Settings, show: bo
     return out, {"training_steps": lab.steps_done, "cpu_s": time.process_time() - cpu}
 
 
+def worker_start(threads: int, parent: int) -> None:
+    """Start of each worker of a parallel study: its share of the cores and, on Linux, death with the study's
+    process (``PR_SET_PDEATHSIG``): a ``kill -9`` of ``minitron study`` runs no cleanup code, and would
+    otherwise leave its workers computing, orphaned, for nobody."""
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the study died before the line above took effect
+            os._exit(1)
+
+
 def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str | Path | None = None,
               quick: bool = False, settings: Settings | None = None, workers: int | None = None,
               overwrite: bool = False) -> Path:
@@ -463,7 +479,7 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
         workers = min(workers, len(PARTS))
         threads = max(1, threads // workers)  # no oversubscription: the parts share the cores
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                                 initializer=worker_start, initargs=(threads, os.getpid())) as pool:
             n = len(PARTS)
             parts = list(pool.map(run_part, PARTS, [path] * n, [shape] * n, [blocks] * n, [s] * n, [False] * n))
     results = {k: v for part, _ in parts for k, v in part.items()}

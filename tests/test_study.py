@@ -2,6 +2,13 @@
 rests on (keeping the most important units beats keeping the least important ones)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +122,52 @@ def test_bad_inputs_are_one_line_and_write_nothing(teacher, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(UserError, match="already exists"):
         run_study(tmp_path / "taken", teacher=teacher / "teacher", quick=True)
+
+
+_ORPHAN = textwrap.dedent(
+    """
+    import multiprocessing, os, sys, time
+    from concurrent.futures import ProcessPoolExecutor
+    from minitron.study import worker_start
+
+    def report_and_wait(path):
+        open(path, "w").write(str(os.getpid()))
+        time.sleep(120)
+
+    if __name__ == "__main__":
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=worker_start, initargs=(1, os.getpid()))
+        pool.submit(report_and_wait, sys.argv[1])
+        time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_study_killed_with_sigkill_takes_its_workers_with_it(tmp_path):
+    script, pid_file = tmp_path / "study_like.py", tmp_path / "worker.pid"
+    script.write_text(_ORPHAN)
+    study = subprocess.Popen([sys.executable, str(script), str(pid_file)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        study.kill()  # SIGKILL: no cleanup code runs in the study's process
+        study.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived the study"
+    finally:
+        study.kill()
+        if pid_file.is_file() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # only if the test failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie has exited; only its parent's wait is missing
