@@ -30,6 +30,8 @@ LAYOUT = {
     "gsm8k": "gsm8k/test.jsonl + gsm8k/train.jsonl",
     "wikitext": "wikitext-2-raw/wiki.test.raw",
 }
+# A file under --data-dir whose content is not the published task data.
+_REPAIR = "repair it, or copy the published file there again"
 MMLU_HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
 
 
@@ -79,17 +81,17 @@ def read_mmlu_csv(path: Path, subject: str) -> tuple[dict, ...]:
     reader = csv.reader(io.StringIO(read_text(path, newlines=False), newline=""))
     header = next(reader, None)
     if header != MMLU_HEADER:
-        raise UserError(f"line 1: header is {header}, expected {','.join(MMLU_HEADER)}", where=str(path))
+        raise UserError(f"line 1: header is {header}, expected {','.join(MMLU_HEADER)}", where=str(path), fix=_REPAIR)
     docs = []
     for row in reader:
         where = f"{path}:{reader.line_num}"
         if len(row) != 6:
-            raise UserError(f"{len(row)} fields, expected 6 (question, 4 choices, answer)", where=where)
+            raise UserError(f"{len(row)} fields, expected 6 (question, 4 choices, answer)", where=where, fix=_REPAIR)
         if row[5] not in ("0", "1", "2", "3"):
-            raise UserError(f"answer {row[5]!r} is not 0-3", where=where)
+            raise UserError(f"answer {row[5]!r} is not 0-3", where=where, fix=_REPAIR)
         docs.append({"question": row[0], "subject": subject, "choices": row[1:5], "answer": int(row[5])})
     if not docs:
-        raise UserError("no questions after the header", where=str(path))
+        raise UserError("no questions after the header", where=str(path), fix=_REPAIR)
     return tuple(docs)
 
 
@@ -124,16 +126,18 @@ def read_hellaswag(path: Path) -> tuple[dict, ...]:
         block = lines[start : start + 6]
         where = f"{path}:{start + 1}"
         if len(block) < 6:
-            raise UserError(f"last item has {len(block)} lines, expected 6 (context, label, 4 endings)", where=where)
+            raise UserError(f"last item has {len(block)} lines, expected 6 (context, label, 4 endings)", where=where,
+                            fix=_REPAIR)  # fmt: skip
         for offset, line in enumerate(block):
             if not line.strip():
-                raise UserError("empty line inside an item (6 lines each: context, label, 4 endings)", where=f"{path}:{start + offset + 1}")
+                raise UserError("empty line inside an item (6 lines each: context, label, 4 endings)",
+                                where=f"{path}:{start + offset + 1}", fix=_REPAIR)  # fmt: skip
         context, label, *endings = block
         if label not in ("0", "1", "2", "3"):
-            raise UserError(f"label {label!r} is not 0-3 (line 2 of an item)", where=f"{path}:{start + 2}")
+            raise UserError(f"label {label!r} is not 0-3 (line 2 of an item)", where=f"{path}:{start + 2}", fix=_REPAIR)
         activity, sep, ctx = context.partition(": ")
         if not sep:
-            raise UserError("context line has no 'activity: ' prefix", where=where)
+            raise UserError("context line has no 'activity: ' prefix", where=where, fix=_REPAIR)
         split = _LAST_SENTENCE.match(ctx) or re.match(r"^(?P<a>)(?P<b>[a-z][^.!?]*)$", ctx)
         ctx_a, ctx_b = (split["a"], split["b"]) if split else (ctx, "")
         docs.append(
@@ -151,7 +155,7 @@ def read_hellaswag(path: Path) -> tuple[dict, ...]:
             }
         )
     if not docs:
-        raise UserError("no items", where=str(path))
+        raise UserError("no items", where=str(path), fix=_REPAIR)
     return tuple(docs)
 
 
@@ -174,13 +178,13 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> tuple[dict, ...]:
         try:
             doc = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"not valid JSON ({e.msg})", where=where) from None
+            raise UserError(f"not valid JSON ({e.msg})", where=where, fix=_REPAIR) from None
         missing = [k for k in fields if not isinstance(doc, dict) or not isinstance(doc.get(k), str)]
         if missing:
-            raise UserError(f"no string field {missing[0]!r}", where=where)
+            raise UserError(f"no string field {missing[0]!r}", where=where, fix=_REPAIR)
         docs.append({k: doc[k] for k in fields})
     if not docs:
-        raise UserError("no rows", where=str(path))
+        raise UserError("no rows", where=str(path), fix=_REPAIR)
     return tuple(docs)
 
 
@@ -220,7 +224,7 @@ def read_wikitext_pages(path: Path) -> tuple[dict, ...]:
     if "".join(current).strip():
         pages.append({"page": "\n".join(current)})
     if not pages:
-        raise UserError("no text", where=str(path))
+        raise UserError("no text", where=str(path), fix=_REPAIR)
     return tuple(pages)
 
 

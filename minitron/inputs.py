@@ -70,8 +70,11 @@ def read_text(path: str | Path, *, newlines: bool = True) -> str:
         data = path.read_bytes()
     except FileNotFoundError:
         raise UserError("no such file", where=str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise UserError("a folder, not a file", where=str(path), fix="pass a file") from None
     except OSError as e:
-        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path)) from None
+        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path),
+                        fix="check that you may read it") from None  # fmt: skip
     text = decode(data, str(path))
     return text.replace("\r\n", "\n").replace("\r", "\n") if newlines else text
 
@@ -86,8 +89,13 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             for number, raw in enumerate(f, start=1):
                 yield number, decode(raw, f"{path}:{number}", line=number, offset=offset)
                 offset += len(raw)
+    except FileNotFoundError:
+        raise UserError("no such file", where=str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise UserError("a folder, not a file", where=str(path), fix="pass a file") from None
     except OSError as e:
-        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path)) from None
+        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path),
+                        fix="check that you may read it") from None  # fmt: skip
 
 
 def read_json(path: str | Path) -> Any:

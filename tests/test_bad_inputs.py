@@ -192,11 +192,16 @@ CASES = [
     case("eval-data-csv-not-utf8", "eval {zoo}/good -o {tmp}/r.json --tasks mmlu --data-dir {zoo}/eval-mmlu-latin1",
          "philosophy_test.csv", "not UTF-8"),
     case("eval-data-dir-missing", EVAL + " --data-dir {tmp}/nothing", "--data-dir", "no such folder"),
+    case("eval-data-gsm8k-record-lacks-answer", "eval {zoo}/good -o {tmp}/r.json --tasks gsm8k --data-dir {zoo}/eval-no-answer",
+         "test.jsonl:1", "no string field 'answer'", "copy the published file there again"),
+    case("eval-data-empty-wikitext", EVAL + " --data-dir {zoo}/eval-empty-wikitext", "wiki.test.raw", "no text",
+         "copy the published file"),
     # --- report ---------------------------------------------------------------------------------------------
     case("report-results-not-utf8", "report {zoo}/latin1.json -o {tmp}/board", "latin1.json", "not UTF-8"),
     case("report-results-binary", "report {zoo}/binary.json -o {tmp}/board", "binary.json", "binary"),
     case("report-results-not-json", "report {zoo}/calib.txt -o {tmp}/board", "calib.txt", "not valid JSON"),
     case("report-results-of-another-tool", "report {zoo}/lm-eval.json -o {tmp}/board", "not a minitron results file", "lm-eval"),
+    case("report-results-a-folder", "report {zoo}/empty-folder -o {tmp}/board", "empty-folder", "a folder, not a file"),
     case("report-results-missing", "report {tmp}/none.json -o {tmp}/board", "none.json", "no such file"),
     # --- quickstart: refused before any model is loaded ----------------------------------------------------------
     case("quickstart-bogus-task", "quickstart -o {tmp}/qs --tasks bogus", "--tasks", "bogus"),
@@ -325,6 +330,8 @@ def build_zoo(zoo: Path) -> None:
         ("eval-latin1", "wikitext-2-raw/wiki.test.raw", b" = Title = \n" + LATIN1),
         ("eval-binary", "gsm8k/test.jsonl", b"\x00\x01binary\n"),
         ("eval-mmlu-latin1", "mmlu/test/philosophy_test.csv", b"question,choice0,choice1,choice2,choice3,answer\n" + LATIN1),
+        ("eval-no-answer", "gsm8k/test.jsonl", b'{"question": "1 + 1?"}\n'),
+        ("eval-empty-wikitext", "wikitext-2-raw/wiki.test.raw", b"\n \n"),
     ):
         shutil.copytree(EVAL_DATA, zoo / name)
         (zoo / name / relative).write_bytes(content)
