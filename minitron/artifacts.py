@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minitron.errors import UserError, disk_full
@@ -49,24 +49,63 @@ def note(message: str) -> None:
 # --- the destination, checked before any work ------------------------------------------------------------------
 
 
-def check_output_dir(out: str | Path, overwrite: bool, *, size: int | None = None, folder: bool = True) -> Path:
+def check_output_dir(
+    out: str | Path, overwrite: bool, *, size: int | None = None, folder: bool = True,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
+) -> Path:  # fmt: skip
     """Refuse an output that cannot be written, before any expensive work starts.
 
-    Refused: an existing ``out`` (unless ``overwrite``, and even then if it is a file where the result is a
-    folder, or the reverse: ``--overwrite`` replaces an earlier result, never a folder of other things), a path
-    below a file, a folder this process cannot create files in (read-only mount, permissions), and, given
-    ``size`` (bytes of the result), too little free space. Returns ``out`` as a :class:`~pathlib.Path`.
+    Refused: a path that names no file or folder (``""``, ``.``, ``..``); an existing ``out`` unless
+    ``overwrite``, and even then a symbolic link, something that is neither a file nor a folder (a device),
+    a file where the result is a folder or the reverse (``--overwrite`` replaces an earlier result, never a
+    folder of other things), and one of the run's own ``inputs`` (``(flag, path)`` pairs) or a folder holding one;
+    a path below a file, a folder this process cannot create files in (read-only mount, permissions), a name
+    too long for the file system, and, given ``size`` (bytes of the result), too little free space.
+    Returns ``out`` as a :class:`~pathlib.Path`.
     """
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise UserError("names no file or folder to write", where=repr(str(out)), fix="name the output, e.g. -o runs/out")
+    _check_name_lengths(out, _nearest_existing(out.parent))
     clear_leftovers(out)
-    if out.exists() and not overwrite:
-        raise UserError("output already exists", where=str(out), fix="choose another path or pass --overwrite")
-    if out.exists() and out.is_dir() != folder:
-        found, wanted = ("a folder", "a file") if out.is_dir() else ("a file", "a folder")
-        raise UserError(f"output exists and is {found}; --overwrite replaces it only with {found}, and this writes "
-                        f"{wanted}", where=str(out), fix="choose another path, or remove it yourself first")  # fmt: skip
+    if _exists(out):
+        if not overwrite:
+            raise UserError("output already exists", where=str(out), fix="choose another path or pass --overwrite")
+        _check_replaceable(out, folder, inputs)
     check_writable(out, size=size)
     return out
+
+
+def _check_replaceable(out: Path, folder: bool, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """What ``--overwrite`` may not replace (see :func:`check_output_dir`)."""
+    fix = "choose another path, or remove it yourself first"
+    if out.is_symlink():
+        raise UserError("output is a symbolic link; --overwrite does not replace links", where=str(out),
+                        fix=f"write to the path it points to ({os.path.realpath(out)}), or remove the link")  # fmt: skip
+    if not out.is_dir() and not out.is_file():
+        raise UserError("output exists and is neither a file nor a folder (a device or a pipe?)", where=str(out),
+                        fix=fix)  # fmt: skip
+    if out.is_dir() != folder:
+        found, wanted = ("a folder", "a file") if out.is_dir() else ("a file", "a folder")
+        raise UserError(f"output exists and is {found}; --overwrite replaces it only with {found}, and this writes "
+                        f"{wanted}", where=str(out), fix=fix)  # fmt: skip
+    clash = deleted_input(out, inputs)
+    if clash:
+        raise UserError(f"--overwrite would delete an input: the output {clash}", where=str(out),
+                        fix="write the result somewhere else")  # fmt: skip
+
+
+def deleted_input(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> str | None:
+    """``"is FLAG PATH"`` or ``"holds FLAG PATH"`` for the first local input that replacing ``out`` would
+    delete; None if there is none (hub ids and absent inputs are skipped)."""
+    target = out.resolve()
+    for flag, given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        path = Path(given).resolve()
+        if path == target or target in path.parents:
+            return f"{'is' if path == target else 'holds'} {flag} {given}"
+    return None
 
 
 def check_writable(out: str | Path, *, size: int | None = None) -> None:
@@ -74,6 +113,7 @@ def check_writable(out: str | Path, *, size: int | None = None) -> None:
     files in (read-only mount, permissions), or, given ``size`` in bytes, too little free space."""
     out = Path(out)
     base = _nearest_existing(out.parent)
+    _check_name_lengths(out, base)
     if not base.is_dir():
         raise UserError(
             f"cannot create {out.name}: {base} is a file, not a folder", where=str(out), fix="choose another path"
@@ -95,9 +135,35 @@ def check_writable(out: str | Path, *, size: int | None = None) -> None:
 
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
-    while not path.exists() and not path.is_symlink() and path != path.parent:
+    while not _exists(path) and path != path.parent:
         path = path.parent
     return path
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:  # a name too long to look up: nothing of that name can exist
+        return False
+
+
+def _check_name_lengths(out: Path, base: Path) -> None:
+    """Refuse a name the file system cannot hold: the output's temporary siblings' (its longest: ``.NAME.old-…``)
+    or a folder's to be made on the way; found now, not when the result is written."""
+    if not base.is_dir():
+        return
+    try:
+        limit = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    for part in out.absolute().relative_to(base).parts[:-1]:
+        if len(os.fsencode(part)) > limit:
+            raise UserError(f"name too long: {len(os.fsencode(part))} bytes, this file system allows {limit}",
+                            where=part, fix="choose a shorter name")  # fmt: skip
+    name, longest = len(os.fsencode(out.name)), len(os.fsencode(sibling(out, "old").name))
+    if longest > limit:
+        raise UserError(f"name too long: {name} bytes, and this file system allows {limit - (longest - name)} for "
+                        "an output (its temporary name is longer)", where=str(out), fix="choose a shorter name")  # fmt: skip
 
 
 def _can_create_in(folder: Path) -> bool:

@@ -84,7 +84,8 @@ def resumed_reserve(run_dir: Path) -> int | None:
     return read_state(checkpoint).get("heldout_reserve")
 
 
-_DAMAGED_FIX = "delete that step-* folder to resume from the checkpoint before it, or drop --resume to start afresh"
+_DAMAGED_FIX = ("delete that step-* folder to resume from the checkpoint before it, or start afresh: drop --resume "
+                "and pass output.overwrite=true")
 _STATE_KEYS = {"step", "tokens", "scheduler"}
 
 
@@ -245,7 +246,7 @@ def check_run_dir(recipe: Recipe, resume: bool) -> dict[str, Any]:
     only those that do not change what was computed so far, and the optimizer settings a user lowers to
     recover from a diverging run (:data:`_RESUMABLE_OPTIMIZER`).
     """
-    from minitron.artifacts import check_writable
+    from minitron.artifacts import check_writable, deleted_input
 
     run_dir = Path(recipe.output.dir)
     saved = run_dir / RECIPE
@@ -272,6 +273,12 @@ def check_run_dir(recipe: Recipe, resume: bool) -> dict[str, Any]:
             where=f"output.dir {run_dir}",
             fix="pass --resume to continue it, output.overwrite=true to replace it, or another output.dir",
         )
+    inputs = [("teacher.path", recipe.teacher.path if recipe.teacher else None),
+              ("student.path", recipe.student.path), ("data.source", recipe.data.source)]  # fmt: skip
+    clash = deleted_input(run_dir, inputs) if run_dir.exists() else None  # output.overwrite deletes the folder
+    if clash:
+        raise UserError(f"output.overwrite would delete an input: the run folder {clash}", where=f"output.dir {run_dir}",
+                        fix="choose another output.dir")  # fmt: skip
     check_writable(run_dir, size=_run_bytes(recipe))
     return {}
 

@@ -454,7 +454,7 @@ def evaluate(
     if limit is not None and limit < 1:
         raise UserError(f"limit {limit}", where="--limit", fix="pass a positive number of documents per task")
     check_shots(hellaswag_shots)
-    check_output_dir(out, overwrite, folder=False)
+    check_output_dir(out, overwrite, folder=False, inputs=[("MODEL", model), ("--data-dir", data_dir)])
     if data_dir is not None:
         eval_data.check(data_dir, task_list)
     device = _resolve_device(device)

@@ -409,7 +409,7 @@ def run(
     existing ``out`` is refused before any work."""
     from minitron.artifacts import check_output_dir
 
-    check_output_dir(out, overwrite, folder=False)
+    check_output_dir(out, overwrite, folder=False, inputs=[("MODEL", model), ("--calib", calib)])
     scores, info = score(model, calib, **options)
     scores.save(out, overwrite=overwrite)
     return scores, {"out": str(out), **info}

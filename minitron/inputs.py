@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,25 @@ def read_config(model: str | Path) -> dict[str, Any]:
     if "model_type" not in config:
         raise UserError("config.json has no model_type", where=str(config_file),
                         fix=f"name the family, one of: {', '.join(sorted(FAMILIES))}")  # fmt: skip
+    bad = _not_finite(config)
+    if bad:
+        raise UserError(f"{bad[0]} is {bad[1]}, not a finite number", where=str(config_file),
+                        fix="fix or re-save config.json")  # fmt: skip
     check_config(config, str(config_file))
     return config
+
+
+def _not_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """The first ``(dotted key, value)`` in a parsed JSON value that is NaN or ±Infinity (Python's json reads
+    them, and ``rms_norm_eps: NaN`` would make every activation NaN), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _not_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
 
 
 def is_local(model: str | Path) -> bool:

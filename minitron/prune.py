@@ -333,7 +333,7 @@ def prune_checkpoint(
     """
     from minitron import model_card
 
-    src, out = Path(src), check_output_dir(out, overwrite)
+    src, out = Path(src), check_output_dir(out, overwrite, inputs=[("the teacher", src)])
     config = read_config(src)
     _check_teacher(Shape.from_config(config), plan, where=str(src / "config.json"))
     stored = check_weights(src, plan.teacher)
@@ -397,6 +397,11 @@ def student_bytes(stored: dict[str, Stored], student: Shape, src: Path | None = 
     stored_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in stored.values())
     stored_params = sum(math.prod(t.shape) for t in stored.values())
     return student.counts()["total"] * stored_bytes // max(1, stored_params) + copied_bytes(src)
+
+
+def run_inputs(model: str, scores_file: Any, calibration: Calibration | None) -> list[tuple[str, Any]]:
+    """What a prune reads, which ``--overwrite`` of its output must not delete."""
+    return [("MODEL", model), ("--scores", scores_file), ("--calib", calibration.data if calibration else None)]
 
 
 def copied_bytes(src: Path | None) -> int:
@@ -464,17 +469,18 @@ def run(
     if scores_file is not None and calibration is not None:
         raise UserError("both --scores and --calib given", fix="pass one: saved scores, or data to compute them")
     info = summary(model, teacher, student, drop_layers)
-    scores = _load_scores(scores_file, teacher) if scores_file is not None else None
+    scores = load_scores(scores_file, teacher, model) if scores_file is not None else None
     if dry_run:
         if scores is not None:
             info["dropped_layers"] = make_plan(teacher, student, scores, drop_layers).dropped_layers
         return info
     if out is None:
         raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to see the shape only")
-    check_output_dir(out, overwrite)
+    inputs = run_inputs(model, scores_file, calibration)
+    check_output_dir(out, overwrite, inputs=inputs)
     src = local_checkpoint(model)
     stored = check_weights(src, teacher)  # a broken checkpoint is refused before an hour of calibration, not after
-    check_output_dir(out, overwrite, size=student_bytes(stored, student, src))
+    check_output_dir(out, overwrite, size=student_bytes(stored, student, src), inputs=inputs)
     if calibration is None:
         # Made now, before any weight is read, so that missing scores are reported at once.
         plan = make_plan(teacher, student, scores, drop_layers)
@@ -501,7 +507,16 @@ def note_unscaled(scores: Any, teacher: Shape, cuts_hidden: bool, where: Any) ->
          "for the embedding channels cut; recompute the scores with `minitron importance` to have them rescaled")
 
 
-def _load_scores(path: str | Path, teacher: Shape) -> Any:
+def load_scores(path: str | Path, teacher: Shape, model: str) -> Any:
+    """``--scores`` for ``model``, refused if made for another shape; a note if made on a model of another
+    name, which the shape check cannot tell apart (a fine-tune of the same architecture, say)."""
     from minitron.importance import Scores
 
-    return Scores.load(path, expect=teacher)
+    scores = Scores.load(path, expect=teacher)
+    scored = str(scores.meta.get("model", ""))
+    if scored and Path(scored).name != Path(str(model)).name:
+        from minitron.artifacts import note
+
+        note(f"{path} was computed on {scored}, not {model}: same shape, so it is used, but it ranks the units of "
+             "the weights it was computed on")
+    return scores

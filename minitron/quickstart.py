@@ -354,8 +354,8 @@ def run(
     except TypeError as e:
         raise UserError(f"unknown setting ({e})", fix=f"use fields of Settings: {', '.join(asdict(Settings()))}") from None
     s.check()
-    out = check_output_dir(out, overwrite)
     teacher = Path(teacher) if teacher is not None else assets.teacher_path()
+    out = check_output_dir(out, overwrite, inputs=[("the teacher", teacher)])
     read_config(teacher)
     check_batch(teacher, training_text(), s)
     command = command or f"minitron.quickstart.run({str(out)!r})"

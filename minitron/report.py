@@ -458,7 +458,7 @@ def write_report(results: list[str | Path], out: str | Path, *, references: bool
     from minitron.report_console import progress
     from minitron.report_plots import plot_accuracy_vs_params, plot_perplexity, plot_retained, plot_task_bars
 
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=[("the results file", r) for r in results])
     if not results:
         raise UserError("no results files given", fix="pass one or more files written by `minitron eval`")
     measured = [load_results(p) for p in results]

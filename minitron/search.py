@@ -190,7 +190,7 @@ def run(
     """
     from minitron import prune as pruning
     from minitron.artifacts import atomic_dir, check_output_dir
-    from minitron.importance import Scores, compute_scores, resolve_dtype
+    from minitron.importance import compute_scores, resolve_dtype
     from minitron.inputs import check_weights, load_config, load_model
     from minitron.plan import make_plan, summary
     from minitron.report_console import progress
@@ -200,12 +200,14 @@ def run(
     shortlist = found[: ranking.top_k]
     if out is None:
         raise UserError("no output folder", where="-o", fix="pass -o OUT, or --dry-run to list the candidates")
-    check_output_dir(out, overwrite)
+    inputs = pruning.run_inputs(model, scores_file, calibration)
+    check_output_dir(out, overwrite, inputs=inputs)
     src = pruning.local_checkpoint(model)
     stored = check_weights(src, teacher)  # a broken checkpoint is refused before any calibration, not after
     # Whichever candidate wins, its checkpoint must fit: the largest one shortlisted sets the space needed.
-    check_output_dir(out, overwrite, size=max(pruning.student_bytes(stored, c.shape, src) for c in shortlist))
-    scores = Scores.load(scores_file, expect=teacher) if scores_file is not None else None
+    size = max(pruning.student_bytes(stored, c.shape, src) for c in shortlist)
+    check_output_dir(out, overwrite, size=size, inputs=inputs)
+    scores = pruning.load_scores(scores_file, teacher, model) if scores_file is not None else None
     if _needs_data(shortlist, teacher, ranking, scores) and calibration is None:
         raise UserError(
             f"ranking {len(shortlist)} candidate(s) needs held-out calibration tokens",

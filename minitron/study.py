@@ -454,7 +454,7 @@ def run_study(out: str | Path, *, teacher: str | Path | None = None, text: str |
     from minitron.artifacts import atomic_dir, check_output_dir, versions
     from minitron.study_report import write
 
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=[("--teacher", teacher), ("--text", text)])
     s = settings or (QUICK if quick else Settings())
     workers = min(len(PARTS), os.cpu_count() or 1) if workers is None else workers
     small = [k for k in ("seeds", "steps", "search_steps", "retrain_steps", "scratch_factor", "curve_points", "top_k")

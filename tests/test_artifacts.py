@@ -159,3 +159,35 @@ def test_a_failed_write_removes_the_folders_it_created_above_the_output(tmp_path
     with atomic_dir(tmp_path / "runs" / "a" / "out") as tmp:
         (tmp / "v").write_text("1")
     assert (tmp_path / "runs" / "a" / "out" / "v").read_text() == "1"
+
+
+def test_overwrite_never_replaces_a_link_a_device_or_an_input_and_an_output_must_have_a_name(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match="symbolic link"):
+        check_output_dir(tmp_path / "link", overwrite=True)
+    with pytest.raises(UserError, match="already exists"):  # a dangling link exists too
+        check_output_dir(tmp_path / "dangling", overwrite=False)
+    with pytest.raises(UserError, match="neither a file nor a folder"):
+        check_output_dir(Path("/dev/null"), overwrite=True, folder=False)
+    teacher = tmp_path / "real" / "teacher"
+    teacher.mkdir()
+    with pytest.raises(UserError, match="would delete an input: the output is --teacher"):
+        check_output_dir(teacher, overwrite=True, inputs=[("--teacher", teacher), ("--scores", None)])
+    with pytest.raises(UserError, match="would delete an input: the output holds --teacher"):
+        check_output_dir(tmp_path / "real", overwrite=True, inputs=[("--teacher", teacher)])
+    assert check_output_dir(tmp_path / "real", overwrite=True, inputs=[("--teacher", "org/hub-id")]) == tmp_path / "real"
+    monkeypatch.chdir(tmp_path / "real")
+    for nameless in ("", ".", "..", "teacher/.."):
+        with pytest.raises(UserError, match="names no file or folder"):
+            check_output_dir(nameless, overwrite=True)
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="name too long: 240 bytes"):
+        check_output_dir(tmp_path / ("c" * 240), overwrite=False)  # fine alone, too long as .c….tmp-…
+    with pytest.raises(UserError, match="name too long: 300 bytes"):
+        check_output_dir(tmp_path / ("d" * 300) / "out", overwrite=False)
+    assert check_output_dir(tmp_path / ("c" * 200), overwrite=False)
+    assert list(tmp_path.iterdir()) == []

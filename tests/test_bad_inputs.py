@@ -82,6 +82,8 @@ CASES = [
     case("config-negative-layers", "inspect {zoo}/cfg-neg-layers", "num_hidden_layers", "-2"),
     case("config-no-hidden-size", "inspect {zoo}/cfg-no-hidden", "hidden_size"),
     case("config-heads-not-grouped", "inspect {zoo}/cfg-kv3", "num_key_value_heads", "multiple"),
+    case("config-nan-epsilon", "inspect {zoo}/cfg-nan", "config.json", "rms_norm_eps is nan", "finite"),
+    case("config-infinite-rope-factor", "inspect {zoo}/cfg-inf", "rope_scaling.factor is inf"),
     case("config-nested-too-deeply", "inspect {zoo}/cfg-deep", "config.json", "nested too deeply"),
     case("config-field-of-wrong-type", "inspect {zoo}/cfg-rope", "transformers cannot read this config", "rope_parameters"),
     # --- importance: weights and calibration text, all refused before any work -------------------------------
@@ -215,6 +217,15 @@ CASES = [
     case("importance-out-below-a-file", IMPORTANCE_TO.format(out="{zoo}/calib.txt/s.safetensors"), "calib.txt", "is a file, not a folder"),
     case("importance-out-read-only", IMPORTANCE_TO.format(out="/proc/self/s.safetensors"), "/proc/self", "cannot write here"),
     case("prune-out-below-a-file", "prune {zoo}/good --drop-layers 1 -o {zoo}/calib.txt/out", "is a file, not a folder"),
+    case("prune-overwrite-its-teacher", "prune {zoo}/good --drop-layers 1 -o {zoo}/good --overwrite",
+         "would delete an input", "is MODEL"),
+    case("prune-overwrite-the-folder-of-its-teacher", "prune {zoo}/good --drop-layers 1 -o {zoo} --overwrite",
+         "would delete an input", "holds MODEL"),
+    case("report-overwrite-its-results", "report {zoo}/lm-eval.json -o {zoo} --overwrite", "holds the results file"),
+    case("distill-overwrite-its-models", DISTILL_GOOD + " output.dir={zoo}/good output.overwrite=true",
+         "output.overwrite would delete an input", "is teacher.path"),
+    case("report-out-names-nothing", "report {zoo}/lm-eval.json -o {zoo}/good/.. --overwrite", "names no file or folder"),
+    case("importance-out-name-too-long", IMPORTANCE_TO.format(out="{tmp}/" + "c" * 240), "name too long: 240 bytes"),
     case("prune-overwrite-a-file", "prune {zoo}/good --drop-layers 1 -o {zoo}/calib.txt --overwrite", "calib.txt",
          "is a file", "only with a file"),
     case("importance-overwrite-a-folder", IMPORTANCE_TO.format(out="{zoo}/good") + " --overwrite", "is a folder",
@@ -303,6 +314,8 @@ def build_zoo(zoo: Path) -> None:
         "cfg-kv3": {**config, "num_key_value_heads": 3},
         "cfg-deep": b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "cfg-rope": {**config, "rope_parameters": "abc"},  # transformers 5 checks the field's type
+        "cfg-nan": json.dumps({**config, "rms_norm_eps": float("nan")}).encode(),  # json writes NaN
+        "cfg-inf": json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": float("inf")}}).encode(),
         # 12 heads of 32 in 2 groups over 72 channels: --heads 10 fits the groups but not the hidden size.
         "wide": {**config, "hidden_size": 72, "num_attention_heads": 12, "num_key_value_heads": 2},
     }.items():  # fmt: skip

@@ -48,7 +48,7 @@ from minitron.errors import UserError
 from minitron.families import FAMILIES, Shape, family_of
 from minitron.importance import compute_scores
 from minitron.plan import identity_plan, make_plan, norm_count, student_shape
-from minitron.prune import prune_checkpoint, prune_model, write_safetensors
+from minitron.prune import load_scores, prune_checkpoint, prune_model, write_safetensors
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -586,6 +586,18 @@ def test_cli_notes_scores_without_norm_energies_once_checks_pass(tmp_path, check
     (out / "x").write_text("")  # an existing output: refused in one line, the note never printed
     result = cli(checkpoints / "llama", "-o", out, "--hidden-size", 48, "--scores", old)
     assert result.returncode == 2 and "note:" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_scores_computed_on_a_model_of_another_name_are_used_with_a_note(tmp_path, checkpoints, capsys):
+    from minitron.importance import Scores
+
+    llama = Shape.from_config(tiny_model("llama").config)
+    tensors = random_scores(llama).tensors
+    for scored, noted in (("runs/llama-finetune", True), (str(tmp_path / "moved" / "llama"), False)):
+        Scores(tensors, {**random_scores(llama).meta, "model": scored}).save(tmp_path / "s.safetensors", overwrite=True)
+        assert load_scores(tmp_path / "s.safetensors", llama, str(checkpoints / "llama")).tensors.keys() == tensors.keys()
+        err = capsys.readouterr().err
+        assert (err.startswith("note:") and f"computed on {scored}, not" in err) == noted, err
 
 
 def test_cli_computes_scores_on_the_fly(tmp_path):
