@@ -43,6 +43,9 @@ def load_texts(source: str | Path, *, split: str = "train") -> list[str]:
         return texts
     if path.is_file():
         return _read_file(path, allow_empty=False)
+    if path.exists():
+        raise UserError("neither a file nor a folder (a device or a pipe?)", where=str(source),
+                        fix="pass a text file or a folder of them")  # fmt: skip
     if looks_local(str(source)):
         raise UserError("no such calibration file or folder", where=str(source), fix="check the path")
     return _read_hub(str(source), split)

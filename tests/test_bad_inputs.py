@@ -225,6 +225,8 @@ CASES = [
     case("distill-overwrite-its-models", DISTILL_GOOD + " output.dir={zoo}/good output.overwrite=true",
          "output.overwrite would delete an input", "is teacher.path"),
     case("report-out-names-nothing", "report {zoo}/lm-eval.json -o {zoo}/good/.. --overwrite", "names no file or folder"),
+    case("importance-calib-a-device", IMPORTANCE_TO.format(out="{tmp}/s.safetensors").replace("{zoo}/calib.txt", "/dev/zero"),
+         "/dev/zero", "neither a file nor a folder"),
     case("importance-out-name-too-long", IMPORTANCE_TO.format(out="{tmp}/" + "c" * 240), "name too long: 240 bytes"),
     case("prune-overwrite-a-file", "prune {zoo}/good --drop-layers 1 -o {zoo}/calib.txt --overwrite", "calib.txt",
          "is a file", "only with a file"),
