@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from minitron.errors import UserError, disk_full
@@ -66,7 +66,6 @@ def check_output_dir(
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise UserError("names no file or folder to write", where=repr(str(out)), fix="name the output, e.g. -o runs/out")
-    _check_name_lengths(out, _nearest_existing(out.parent))
     clear_leftovers(out)
     if _exists(out):
         if not overwrite:
@@ -280,36 +279,31 @@ def _signals_held() -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False, *, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it is removed."""
-    out = check_output_dir(out, overwrite, size=size)
+    with _atomic(check_output_dir(out, overwrite, size=size), _new_dir) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``out``; renamed onto ``out`` on success, removed on error."""
+    with _atomic(check_output_dir(out, overwrite, folder=False), _new_file) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic(out: Path, new: Callable[[Path], Path]) -> Iterator[Path]:
+    """The body of :func:`atomic_dir` and :func:`atomic_file` once ``out`` is checked: the temporary made by
+    ``new`` is given the umask's modes and swapped in; on any failure it and the folders made above ``out``
+    are removed, and a full disk becomes a :class:`UserError`."""
     made = _make_parents(out)
     try:
-        tmp = _new_dir(out)
+        tmp = new(out)
         try:
             yield tmp
             give_umask(tmp)
             _swap_in(tmp, out)
         except BaseException:
             _remove(tmp)
-            raise
-    except BaseException as e:
-        _remove_made(made)
-        _refuse_if_disk_full(e, out)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside ``out``; renamed onto ``out`` on success, removed on error."""
-    out = check_output_dir(out, overwrite, folder=False)
-    made = _make_parents(out)
-    try:
-        tmp = _new_file(out)
-        try:
-            yield tmp
-            give_umask(tmp)
-            _swap_in(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
             raise
     except BaseException as e:
         _remove_made(made)
@@ -349,12 +343,9 @@ def give_umask(path: Path) -> None:
 
 def _make_parents(out: Path) -> list[Path]:
     """Create the missing folders above ``out``; returns them, deepest first, for :func:`_remove_made`."""
-    missing = []
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        missing.append(parent)
-        parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
+    parent = out.parent.absolute()
+    missing = [parent, *parent.parents][: len(parent.parts) - len(_nearest_existing(parent).parts)]
+    parent.mkdir(parents=True, exist_ok=True)
     return missing
 
 

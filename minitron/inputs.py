@@ -69,13 +69,8 @@ def read_text(path: str | Path, *, newlines: bool = True) -> str:
     path = Path(path)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError("no such file", where=str(path), fix="check the path") from None
-    except IsADirectoryError:
-        raise UserError("a folder, not a file", where=str(path), fix="pass a file") from None
     except OSError as e:
-        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path),
-                        fix="check that you may read it") from None  # fmt: skip
+        raise _unreadable(e, path) from None
     text = decode(data, str(path))
     return text.replace("\r\n", "\n").replace("\r", "\n") if newlines else text
 
@@ -90,13 +85,18 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             for number, raw in enumerate(f, start=1):
                 yield number, decode(raw, f"{path}:{number}", line=number, offset=offset)
                 offset += len(raw)
-    except FileNotFoundError:
-        raise UserError("no such file", where=str(path), fix="check the path") from None
-    except IsADirectoryError:
-        raise UserError("a folder, not a file", where=str(path), fix="pass a file") from None
     except OSError as e:
-        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", where=str(path),
-                        fix="check that you may read it") from None  # fmt: skip
+        raise _unreadable(e, path) from None
+
+
+def _unreadable(error: OSError, path: Path) -> UserError:
+    """The one line for a text file that could not be opened or read."""
+    if isinstance(error, FileNotFoundError):
+        return UserError("no such file", where=str(path), fix="check the path")
+    if isinstance(error, IsADirectoryError):
+        return UserError("a folder, not a file", where=str(path), fix="pass a file")
+    return UserError(f"cannot read ({error.strerror or type(error).__name__})", where=str(path),
+                     fix="check that you may read it")  # fmt: skip
 
 
 def read_json(path: str | Path) -> Any:
