@@ -165,7 +165,9 @@ def read_config(model: str | Path) -> dict[str, Any]:
         raise UserError("not a folder", where=str(path), fix="pass the folder that holds config.json")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError("folder has no config.json", where=str(path), fix="pass a folder written by save_pretrained")
+        what = "config.json is not a regular file" if config_file.exists() else "folder has no config.json"
+        raise UserError(what, where=str(config_file if config_file.exists() else path),
+                        fix="pass a folder written by save_pretrained")  # fmt: skip
     config = read_json(config_file)
     if not isinstance(config, dict):
         raise UserError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(config_file),

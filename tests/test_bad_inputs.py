@@ -69,6 +69,7 @@ CASES = [
     case("inspect-missing", "inspect {tmp}/nope", "no such file"),
     case("inspect-a-file", "inspect {zoo}/calib.txt", "not a folder"),
     case("inspect-no-config", "inspect {zoo}/empty-folder", "no config.json"),
+    case("config-a-device", "inspect {zoo}/cfg-device", "cfg-device/config.json", "not a regular file"),
     case("config-empty-object", "inspect {zoo}/cfg-empty", "config.json", "no model_type", "llama"),
     case("config-list", "inspect {zoo}/cfg-list", "config.json", "list", "not an object"),
     case("config-not-utf8", "inspect {zoo}/cfg-latin1", "config.json", "not UTF-8", "line 1"),
@@ -289,6 +290,8 @@ def build_zoo(zoo: Path) -> None:
 
     tiny_config("granitemoe").save_pretrained(zoo / "moe")
     (zoo / "empty-folder").mkdir()
+    (zoo / "cfg-device").mkdir()
+    (zoo / "cfg-device" / "config.json").symlink_to("/dev/zero")  # reading it would never end
     (zoo / "config-only").mkdir()
     shutil.copy(good / "config.json", zoo / "config-only")
     (zoo / "bin-only").mkdir()
