@@ -120,7 +120,8 @@ def write_teacher(folder: Path, config: dict, block_mib: int) -> dict:
 
     from minitron.families import Shape
     from minitron.plan import make_plan
-    from minitron.prune import _shards, student_items, write_safetensors
+    from minitron.prune import student_items
+    from minitron.shards import shard_groups, write_safetensors
     from minitron.report_console import progress
 
     teacher = Shape.from_config(config)
@@ -128,7 +129,7 @@ def write_teacher(folder: Path, config: dict, block_mib: int) -> dict:
     items = student_items(make_plan(teacher, teacher))
     entries = [(item.name, "BF16", teacher.tensor_shape(item.spec)) for item in items]
     sizes = [math.prod(shape) * 2 for _, _, shape in entries]
-    shards = _shards(sizes, SHARD_BYTES)
+    shards = shard_groups(sizes, SHARD_BYTES)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     block = torch.randn(block_mib * 2**20 // 2, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
@@ -189,7 +190,8 @@ def child(variant: str, teacher: Path, out: Path, plan_file: Path) -> dict:
     from safetensors import safe_open
 
     from minitron.plan import Plan
-    from minitron.prune import prune_checkpoint, write_safetensors
+    from minitron.prune import prune_checkpoint
+    from minitron.shards import write_safetensors
 
     plan = Plan.load(plan_file)
     rss_before = reset_peak_rss()

@@ -8,8 +8,7 @@ The streamed path (:func:`prune_checkpoint`) never holds more than one teacher t
 teacher shards are opened lazily one tensor at a time (the memory map is closed again at once, so its pages
 do not stay in the process), and the student's shards are written tensor by tensor. It can do so because
 the student's tensor names, dtypes and shapes, and so each shard's safetensors header, are known from the
-plan before any weight is read. ``safetensors.torch.save_file`` needs a whole shard in memory (plus a byte
-copy of it in versions before 0.6), which is why the small writer :func:`write_safetensors` exists.
+plan before any weight is read; :mod:`minitron.shards` writes them.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import copy
 import json
 import math
 import shutil
-import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from minitron.errors import UserError
 from minitron.families import LM_HEAD, Shape, Tensor, config_updates
 from minitron.inputs import INDEX_FILE, Stored, all_tensors, check_weights, read_config, stored_layout
 from minitron.plan import LayerPlan, Plan
+from minitron.shards import DTYPES, shard_groups, write_safetensors
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what save_pretrained and the Llama / Granite checkpoints use
 # Files that travel with a checkpoint unchanged: tokenizer, generation settings and the licence terms that
@@ -41,13 +40,6 @@ COPIED = (
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
     "LICENSE*", "USE_POLICY*", "NOTICE*",
 )  # fmt: skip
-# safetensors dtype names (the header's "dtype") and their torch dtypes.
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
 
 
 # --- cutting one tensor ----------------------------------------------------------------------------------------
@@ -238,53 +230,6 @@ def prune_model(model: Any, plan: Plan) -> Any:
     return student.train(model.training)
 
 
-# --- writing safetensors tensor by tensor ---------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
-
-
-def write_safetensors(
-    path: Path, entries: list[tuple[str, str, tuple[int, ...]]], tensors: Iterable[torch.Tensor]
-) -> None:
-    """Write a safetensors file whose tensors arrive one at a time.
-
-    ``entries`` are (name, safetensors dtype, shape) in file order; ``tensors`` yields them in that order.
-    The layout is the format's spec: little-endian u64 header length, JSON header (padded with spaces to 8
-    bytes), then the raw tensors back to back, each at the offsets the header gives.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in entries:
-        size = math.prod(shape) * DTYPES[dtype].itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, dtype, shape), tensor in zip(entries, tensors, strict=True):
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != DTYPES[dtype]:
-                raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
-            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
-    """Greedy split of tensors (by byte size, in order) into shards of at most ``max_bytes`` each (a tensor
-    larger than that gets a shard of its own)."""
-    shards: list[list[int]] = [[]]
-    used = 0
-    for i, size in enumerate(sizes):
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(i)
-        used += size
-    return shards
-
-
 # --- reading the teacher ------------------------------------------------------------------------------------
 
 
@@ -344,7 +289,7 @@ def prune_checkpoint(
     sizes = [math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in entries]
     scores_bytes = sum(t.numel() * t.element_size() for t in scores.tensors.values()) if scores is not None else 0
     check_output_dir(out, overwrite, size=sum(sizes) + copied_bytes(src) + scores_bytes)
-    shards = _shards(sizes, max_shard_bytes)
+    shards = shard_groups(sizes, max_shard_bytes)
     names = (
         ["model.safetensors"]
         if len(shards) == 1

@@ -48,7 +48,7 @@ from minitron.errors import UserError
 from minitron.families import FAMILIES, Shape, family_of
 from minitron.importance import compute_scores
 from minitron.plan import identity_plan, make_plan, norm_count, student_shape
-from minitron.prune import load_scores, prune_checkpoint, prune_model, write_safetensors
+from minitron.prune import load_scores, prune_checkpoint, prune_model
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "models"
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -395,26 +395,6 @@ def test_checkpoint_loads_and_generates(tmp_path, family_name):
     assert json.loads((out / "config.json").read_text())["head_dim"] == plan.teacher.head_dim
     assert "minitron prune test" in (out / "README.md").read_text()
     assert not list(tmp_path.glob(".student*")), "no temporary folder is left behind"
-
-
-def test_safetensors_writer_round_trips_every_dtype(tmp_path):
-    tensors = {
-        "a": torch.randn(3, 5).to(torch.bfloat16),
-        "b": torch.randn(7, dtype=torch.float64),
-        "c": torch.randint(-5, 5, (2, 3), dtype=torch.int8),
-        "d": torch.zeros(0, 4),
-        "e": torch.randn(2, 2).to(torch.float8_e4m3fn),
-    }
-    names = {torch.bfloat16: "BF16", torch.float64: "F64", torch.int8: "I8", torch.float32: "F32",
-             torch.float8_e4m3fn: "F8_E4M3"}  # fmt: skip
-    entries = [(k, names[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
-    write_safetensors(tmp_path / "x.safetensors", entries, iter(tensors.values()))
-    with safe_open(tmp_path / "x.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        for k, v in tensors.items():
-            assert torch.equal(f.get_tensor(k).view(torch.uint8), v.view(torch.uint8))
-    with pytest.raises(RuntimeError, match="header says"):
-        write_safetensors(tmp_path / "y.safetensors", entries[:1], iter([torch.zeros(3, 5)]))
 
 
 # --- memory: a checkpoint much larger than one tensor ----------------------------------------------------------
