@@ -72,6 +72,7 @@ def importance(
     seed: Annotated[int, typer.Option(help="Seed of the block choice.")] = 0,
     batch_agg: Annotated[str, typer.Option(help="Aggregation over samples: mean, l2 or var.")] = "l2",
     seq_agg: Annotated[str, typer.Option(help="Aggregation over each sequence: mean, l2 or var.")] = "mean",
+    norm_agg: Annotated[str, typer.Option(help="Embedding channels over the norms: sum or max-share.")] = "sum",
     layer_loss: Annotated[bool, typer.Option(help="Also score layers by the LM-loss rise when skipped.")] = False,
     offload: Annotated[bool, typer.Option(help="One layer at a time on the device (automatic if it won't fit).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -85,7 +86,7 @@ def importance(
 
     scores, info = imp.run(
         model, calib, out, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-        batch_agg=batch_agg, seq_agg=seq_agg, layer_loss=layer_loss, offload=offload, device=device,
+        batch_agg=batch_agg, seq_agg=seq_agg, norm_agg=norm_agg, layer_loss=layer_loss, offload=offload, device=device,
         dtype=dtype, split=split, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     console.print(imp.summary_table(scores, info))

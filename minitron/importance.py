@@ -46,7 +46,7 @@ from torch import nn
 
 from minitron.errors import UserError
 from minitron.families import Shape
-from minitron.importance_hooks import AGGREGATIONS, Recorder
+from minitron.importance_hooks import AGGREGATIONS, NORM_AGGREGATIONS, Recorder
 from minitron.layerwise import (
     CheckpointLayers,
     CheckpointReader,
@@ -155,19 +155,21 @@ def _pairs(a: dict, b: dict):
 # --- entry points ---------------------------------------------------------------------------------------------
 
 
-def _check_aggregations(batch_agg: str, seq_agg: str) -> None:
-    for flag, value in (("--batch-agg", batch_agg), ("--seq-agg", seq_agg)):
-        if value not in AGGREGATIONS:
-            raise UserError(f"unknown aggregation {value!r}", where=flag, fix=f"use one of {', '.join(AGGREGATIONS)}")
+def _check_aggregations(batch_agg: str, seq_agg: str, norm_agg: str = "sum") -> None:
+    for flag, value, known in (
+        ("--batch-agg", batch_agg, AGGREGATIONS), ("--seq-agg", seq_agg, AGGREGATIONS),
+        ("--norm-agg", norm_agg, NORM_AGGREGATIONS),
+    ):  # fmt: skip
+        if value not in known:
+            raise UserError(f"unknown aggregation {value!r}", where=flag, fix=f"use one of {', '.join(known)}")
 
 
-def _settings(blocks, batch_size, batch_agg, seq_agg, layer_loss, mode, device) -> dict[str, Any]:
+def _settings(blocks, batch_size, aggs: tuple[str, str, str], layer_loss, mode, device) -> dict[str, Any]:
     return {
         "samples": int(blocks.shape[0]),
         "seq_len": int(blocks.shape[1]),
         "batch_size": batch_size,
-        "batch_agg": batch_agg,
-        "seq_agg": seq_agg,
+        **dict(zip(("batch_agg", "seq_agg", "norm_agg"), aggs)),
         "layer_loss": layer_loss,
         "mode": mode,
         "device": str(device),
@@ -190,6 +192,7 @@ def compute_scores(
     batch_size: int = 1,
     batch_agg: str = "l2",
     seq_agg: str = "mean",
+    norm_agg: str = "sum",
     layer_loss: bool = False,
     offload: bool = False,
     device: str | torch.device | None = None,
@@ -202,12 +205,12 @@ def compute_scores(
     ``offload``: keep the model where it is (e.g. CPU) and move one decoder layer at a time to ``device``
     (default: where the model is), carrying ``chunk`` samples' hidden states (default: what fits).
     """
-    _check_aggregations(batch_agg, seq_agg)
+    _check_aggregations(batch_agg, seq_agg, norm_agg)
     shape = Shape.from_config(model.config)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     model.eval()
-    recorder = Recorder(model, shape, batch_agg, seq_agg)
+    recorder = Recorder(model, shape, batch_agg, seq_agg, norm_agg)
     losses = LossSums(shape.layers) if layer_loss else None
     try:
         with torch.no_grad(), _progress(blocks.numel(), show_progress) as advance:
@@ -221,7 +224,8 @@ def compute_scores(
     finally:
         recorder.remove()
     mode = "layer-by-layer" if offload else "whole-model"
-    return _scores(recorder, losses, shape, _settings(blocks, batch_size, batch_agg, seq_agg, layer_loss, mode, device), meta)
+    settings = _settings(blocks, batch_size, (batch_agg, seq_agg, norm_agg), layer_loss, mode, device)
+    return _scores(recorder, losses, shape, settings, meta)
 
 
 def score_checkpoint(
@@ -233,6 +237,7 @@ def score_checkpoint(
     batch_size: int = 1,
     batch_agg: str = "l2",
     seq_agg: str = "mean",
+    norm_agg: str = "sum",
     layer_loss: bool = False,
     chunk: int | None = None,
     trust_remote_code: bool = False,
@@ -248,7 +253,7 @@ def score_checkpoint(
     from minitron.families import meta_model
     from minitron.inputs import load_config
 
-    _check_aggregations(batch_agg, seq_agg)
+    _check_aggregations(batch_agg, seq_agg, norm_agg)
     folder = Path(folder)
     config = load_config(folder, trust_remote_code=trust_remote_code)
     shape, device = Shape.from_config(config), torch.device(device)
@@ -265,7 +270,7 @@ def score_checkpoint(
             model.get_output_embeddings().weight = base.embed_tokens.weight
         else:
             reader.materialize(model.get_output_embeddings(), {"weight": "lm_head.weight"}, device)
-    recorder = Recorder(model, shape, batch_agg, seq_agg)
+    recorder = Recorder(model, shape, batch_agg, seq_agg, norm_agg)
     losses = LossSums(shape.layers) if layer_loss else None
     n = chunk or chunk_samples(shape, blocks.shape[1], batch_size, layer_loss, device, dtype)
     source = CheckpointLayers(folder, base.layers, shape, device)
@@ -274,7 +279,7 @@ def score_checkpoint(
             sweep_pass(model, blocks, batch_size, recorder, losses, device, source, n, advance)
     finally:
         recorder.remove()
-    settings = _settings(blocks, batch_size, batch_agg, seq_agg, layer_loss, "streamed", device)
+    settings = _settings(blocks, batch_size, (batch_agg, seq_agg, norm_agg), layer_loss, "streamed", device)
     return _scores(recorder, losses, shape, settings, meta)
 
 
@@ -343,6 +348,7 @@ def score(
     seed: int = 0,
     batch_agg: str = "l2",
     seq_agg: str = "mean",
+    norm_agg: str = "sum",
     layer_loss: bool = False,
     offload: bool = False,
     device: str = "auto",
@@ -359,7 +365,7 @@ def score(
     from minitron.data import token_blocks
     from minitron.inputs import check_seq_len, check_weights, is_local, load_config, load_tokenizer
 
-    _check_aggregations(batch_agg, seq_agg)
+    _check_aggregations(batch_agg, seq_agg, norm_agg)
     if batch_size < 1:
         raise UserError("must be ≥ 1", where="--batch-size")
     config = load_config(model, trust_remote_code=trust_remote_code)
@@ -378,7 +384,8 @@ def score(
         "data": {"source": str(calib), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed},
     }
     streamed = offload or not fits(shape, torch_dtype, torch_device)
-    options = dict(batch_size=batch_size, batch_agg=batch_agg, seq_agg=seq_agg, layer_loss=layer_loss)
+    options = dict(batch_size=batch_size, batch_agg=batch_agg, seq_agg=seq_agg, norm_agg=norm_agg,
+                   layer_loss=layer_loss)  # fmt: skip
     start = time.perf_counter()
     if streamed:
         folder = Path(model) if local else _download(model)

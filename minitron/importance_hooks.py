@@ -28,6 +28,9 @@ from minitron.families import Shape
 from minitron.plan import norm_count
 
 AGGREGATIONS = ("mean", "l2", "var")
+# How an embedding channel's scores at the model's norms combine into one: Minitron's sum over every norm, or
+# the channel's largest share of any one norm's total (a channel that a single layer leans on is kept).
+NORM_AGGREGATIONS = ("sum", "max-share")
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
@@ -65,6 +68,20 @@ def reduce_seq_rows(
     if how == "mean":
         return mean
     return (zeros.index_add(0, sample, values.square()) / count - mean.square()).clamp(min=0)
+
+
+def combine_norms(per_norm: torch.Tensor, how: str) -> torch.Tensor:
+    """``[norms, hidden]`` → ``[hidden]``: each embedding channel's scores at every norm, combined.
+
+    ``sum``: Minitron's (2407.14679 §2.2), the channel's scores added over the norms. ``max-share``: the
+    channel's largest share of one norm's total, ``max over norms of score / that norm's sum``. A sum lets the
+    norms whose outputs are largest decide; the shares weigh every norm alike, and the maximum keeps a channel
+    that one layer relies on even where the others barely read it (``benchmarks/results/peers_prune_*.md``
+    measure both)."""
+    if how == "sum":
+        return per_norm.sum(0)
+    totals = per_norm.sum(1, keepdim=True)
+    return (per_norm / totals.clamp(min=torch.finfo(per_norm.dtype).tiny)).amax(0)
 
 
 class BatchAgg:
@@ -114,8 +131,10 @@ class Recorder:
     """All hooks of one model and their accumulators; ``active`` switches recording off for passes that
     must not count (the probe pass, layer-skipped passes)."""
 
-    def __init__(self, model: nn.Module, shape: Shape, batch_agg: str = "l2", seq_agg: str = "mean"):
-        self.shape, self.batch_agg, self.seq_agg = shape, batch_agg, seq_agg
+    def __init__(
+        self, model: nn.Module, shape: Shape, batch_agg: str = "l2", seq_agg: str = "mean", norm_agg: str = "sum"
+    ):
+        self.shape, self.batch_agg, self.seq_agg, self.norm_agg = shape, batch_agg, seq_agg, norm_agg
         self.active = True
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
@@ -259,7 +278,7 @@ class Recorder:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The scores, keyed as in docs/CONTRACTS.md, on the CPU."""
         out: dict[str, torch.Tensor] = {
-            "hidden": torch.stack([a.result() for a in self.norms]).sum(0),
+            "hidden": combine_norms(torch.stack([a.result() for a in self.norms]), self.norm_agg),
             "norm_energy": torch.stack([a.result() for a in self.norm_energy]),
         }
         for i in range(len(self.heads)):

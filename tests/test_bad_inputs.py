@@ -124,6 +124,8 @@ CASES = [
          "--seq-len", "context of 256"),
     case("importance-bad-aggregation", "importance {zoo}/good --calib {zoo}/calib.txt -o {tmp}/s.safetensors --seq-len 8 --batch-agg max",
          "--batch-agg", "max"),
+    case("importance-bad-norm-aggregation", "importance {zoo}/good --calib {zoo}/calib.txt -o {tmp}/s.safetensors --seq-len 8 --norm-agg mean",
+         "--norm-agg", "'mean'", "sum, max-share"),
     case("importance-bad-device", "importance {zoo}/good --calib {zoo}/calib.txt -o {tmp}/s.safetensors --seq-len 8 --device tpu", "--device"),
     case("importance-out-exists", "importance {zoo}/good --calib {zoo}/calib.txt -o {zoo}/calib.txt --seq-len 8", "already exists", "--overwrite"),
     # --- prune: flags ------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def test_hooked_scores_equal_naive_scores_from_stored_activations(name, batch_ag
 
     o = torch.cat(kept["o"])
     per_head = o.view(*o.shape[:2], shape.heads, shape.head_dim).norm(dim=-1)
-    hidden = sum(naive(torch.cat([out for j, out, _ in kept["norms"] if j == i])) for i in range(len(norms)))
+    per_norm = torch.stack([naive(torch.cat([out for j, out, _ in kept["norms"] if j == i])) for i in range(len(norms))])
+    hidden = per_norm.sum(0)
     inputs = [torch.cat([x for j, _, x in kept["norms"] if j == i]) for i in range(len(norms))]
     energy = torch.stack([x.square().mean((0, 1)) for x in inputs])
     s = scores_of(model, data, batch_agg=batch_agg, seq_agg=seq_agg)
@@ -146,6 +147,11 @@ def test_hooked_scores_equal_naive_scores_from_stored_activations(name, batch_ag
     torch.testing.assert_close(s["neurons.1"], naive(torch.cat(kept["down"])), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(s["hidden"], hidden, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(s["norm_energy"], energy, rtol=1e-4, atol=1e-6)
+    # --norm-agg max-share: each channel's largest share of one norm's total; nothing else changes.
+    shares = scores_of(model, data, batch_agg=batch_agg, seq_agg=seq_agg, norm_agg="max-share")
+    torch.testing.assert_close(shares["hidden"], (per_norm / per_norm.sum(1, keepdim=True)).amax(0), rtol=1e-4, atol=1e-7)
+    assert shares.meta["settings"]["norm_agg"] == "max-share" and s.meta["settings"]["norm_agg"] == "sum"
+    assert all(torch.equal(shares[k], s[k]) for k in s.tensors if k != "hidden")
 
 
 # --- invariants: a unit that does nothing scores nothing ---------------------------------------------------------
@@ -296,6 +302,8 @@ def test_streamed_checkpoint_equals_whole_model(family_name, tmp_path):
     whole = scores_of(model, data, layer_loss=True)
     streamed = score_checkpoint(tmp_path, data, batch_size=2, layer_loss=True, chunk=2, show_progress=False)
     assert_same(whole, streamed, rtol=1e-5, atol=1e-6)
+    shares = score_checkpoint(tmp_path, data, batch_size=2, chunk=2, norm_agg="max-share", show_progress=False)
+    assert_same(scores_of(model, data, norm_agg="max-share"), shares, rtol=1e-5, atol=1e-6)
 
 
 def test_streamed_checkpoint_in_the_in_memory_layout_equals_whole_model(tmp_path):

@@ -20,7 +20,9 @@ For each teacher (the bundled one, and any other Llama checkpoint given with ``-
    transformers 5 refuses a hidden size that is not a multiple of the head count);
 3. ``minitron prune`` with the exact shape torch-pruning produced (``--hidden-size --ffn-size`` and, for
    ``heads``, ``--heads --kv-heads``), from the same scores: the equal-count comparison; with ``--seq-agg l2``
-   also from scores aggregated by L2 over each sequence (``minitron importance --seq-agg l2``);
+   also from scores aggregated by L2 over each sequence (``minitron importance --seq-agg l2``), and with
+   ``--norm-agg max-share`` from scores whose embedding channels are ranked by their largest share of one
+   norm's total (``minitron importance --norm-agg max-share``);
 4. every output is loaded with stock ``AutoModelForCausalLM`` (float32, no remote code) and scored on
    WikiText-2 *valid* blocks (text no stage here reads), then distilled with ``minitron distill`` from its
    teacher with one recipe (same steps, data, batch, learning rate), once for each of ``--seeds`` data-order
@@ -33,9 +35,9 @@ teacher trained first (tied embeddings, 8 query / 4 KV heads):
     python scripts/train_teacher.py train --seed 0 --steps 600 --threads 2 --hidden 256 --layers 6 --heads 8 \
         --kv-heads 4 --ffn 640 --tie-embeddings --valid-articles 20 --test-articles 10 --out ../teacher-tied
     PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher minitron/assets/teacher \
-        --limit ffn=0.6 --seq-agg l2 --name peers_prune_bundled
+        --limit ffn=0.6 --seq-agg l2 --norm-agg max-share --name peers_prune_bundled
     PEERS_THREADS=1 python benchmarks/peers/prune_vs_torch_pruning.py --teacher ../teacher-tied \
-        --limit ffn=0.6 --seq-agg l2 --variants "keep heads" --name peers_prune_tied
+        --limit ffn=0.6 --seq-agg l2 --norm-agg max-share --variants "keep heads" --name peers_prune_tied
 
 (``--variants "keep heads"`` there: torch-pruning's head pruning had not finished on that teacher after 18
 minutes; on the bundled one it fails at once.) Importance calibrates on ``minitron importance``'s
@@ -308,16 +310,16 @@ def compare(teacher: Path, work: Path, text: Path, args) -> dict:
             }
         except RuntimeError as e:
             rows[f"minitron, torch-pruning's {variant} shape"] = {"tool": "minitron", "error": str(e)[-300:]}
-        for agg in args.seq_agg or ():
-            # The same shape from scores aggregated otherwise over each sequence (minitron's default is the
-            # paper's mean; L2 is the other choice its README names).
-            other = work / f"scores-seq-{agg}.safetensors"
+        for flag, agg, stem in other_importance(args):
+            # The same shape from scores aggregated otherwise: over each sequence (minitron's default is the
+            # paper's mean; L2 is the other choice its README names) or over the norms (sum, or max-share).
+            other = work / f"scores-{stem}.safetensors"
             if not other.is_file():
-                common.minitron_cli("importance", str(teacher), *data, "--seq-agg", agg, "-o", str(other), log=log)
-            twin = work / f"minitron-seq-{agg}-shape-of-torch-pruning-{variant.replace(' ', '-')}"
+                common.minitron_cli("importance", str(teacher), *data, flag, agg, "-o", str(other), log=log)
+            twin = work / f"minitron-{stem}-shape-of-torch-pruning-{variant.replace(' ', '-')}"
             seconds = _unless_done(twin, "prune", str(teacher), *flags, "--scores", str(other), "-o", str(twin),
                                    log=log)  # fmt: skip
-            rows[f"minitron importance --seq-agg {agg}, torch-pruning's {variant} shape"] = {
+            rows[f"minitron importance {flag} {agg}, torch-pruning's {variant} shape"] = {
                 "tool": "minitron", "path": twin, "prune_s": seconds, "flags": " ".join(flags),
             }
 
@@ -425,6 +427,13 @@ def markdown(record: dict) -> list[str]:
     return lines
 
 
+def other_importance(args) -> list[tuple[str, str, str]]:
+    """``(flag, value, file stem)`` of each other importance the equal-count shape is also pruned from."""
+    return [("--seq-agg", agg, f"seq-{agg}") for agg in args.seq_agg or ()] + [
+        ("--norm-agg", agg, f"norm-{agg}") for agg in args.norm_agg or ()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
@@ -438,6 +447,8 @@ def main() -> None:
     parser.add_argument("--variants", default="keep heads,heads", help="torch-pruning settings to run")
     parser.add_argument("--seq-agg", action="append", choices=["l2", "var"],
                         help="also prune torch-pruning's shape from importance with this sequence aggregation")
+    parser.add_argument("--norm-agg", action="append", choices=["max-share"],
+                        help="also prune torch-pruning's shape from importance with this aggregation over the norms")
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the checkpoints here (default: a temporary folder, removed at the end)")
     parser.add_argument("--name", default="peers_prune", help="results file stem")
