@@ -95,8 +95,10 @@ def _check_replaceable(out: Path, folder: bool, inputs: Iterable[tuple[str, str 
 
 
 def deleted_input(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> str | None:
-    """``"is FLAG PATH"`` or ``"holds FLAG PATH"`` for the first local input that replacing ``out`` would
-    delete; None if there is none (hub ids and absent inputs are skipped)."""
+    """``"is FLAG PATH"``, ``"holds FLAG PATH"`` or ``"lies inside FLAG PATH"`` for the first local input that
+    replacing ``out`` would delete or change; None if there is none (hub ids and absent inputs are skipped).
+    Inside an input folder anything may belong to the input (a model's config.json or weights, a data file
+    of --calib or --data-dir), so nothing there is replaced."""
     target = out.resolve()
     for flag, given in inputs:
         if given is None or not Path(given).exists():
@@ -104,6 +106,8 @@ def deleted_input(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) ->
         path = Path(given).resolve()
         if path == target or target in path.parents:
             return f"{'is' if path == target else 'holds'} {flag} {given}"
+        if path in target.parents:
+            return f"lies inside {flag} {given}"
     return None
 
 

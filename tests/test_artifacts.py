@@ -177,6 +177,10 @@ def test_overwrite_never_replaces_a_link_a_device_or_an_input_and_an_output_must
         check_output_dir(teacher, overwrite=True, inputs=[("--teacher", teacher), ("--scores", None)])
     with pytest.raises(UserError, match="would delete an input: the output holds --teacher"):
         check_output_dir(tmp_path / "real", overwrite=True, inputs=[("--teacher", teacher)])
+    (teacher / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="would delete an input: the output lies inside --teacher"):
+        check_output_dir(teacher / "config.json", overwrite=True, folder=False, inputs=[("--teacher", teacher)])
+    assert check_output_dir(teacher / "new.json", overwrite=True, folder=False, inputs=[("--teacher", teacher)])
     assert check_output_dir(tmp_path / "real", overwrite=True, inputs=[("--teacher", "org/hub-id")]) == tmp_path / "real"
     monkeypatch.chdir(tmp_path / "real")
     for nameless in ("", ".", "..", "teacher/.."):

@@ -224,6 +224,13 @@ CASES = [
          "would delete an input", "is MODEL"),
     case("prune-overwrite-the-folder-of-its-teacher", "prune {zoo}/good --drop-layers 1 -o {zoo} --overwrite",
          "would delete an input", "holds MODEL"),
+    # Inside an input folder anything may be part of the input: --overwrite replaces nothing there.
+    case("importance-overwrite-inside-its-model", IMPORTANCE_TO.format(out="{zoo}/good/model.safetensors") + " --overwrite",
+         "would delete an input", "lies inside MODEL"),
+    case("eval-overwrite-inside-its-model", "eval {zoo}/good -o {zoo}/good/config.json --tasks wikitext --limit 1 --overwrite",
+         "would delete an input", "lies inside MODEL"),
+    case("eval-overwrite-inside-its-data-dir", "eval {zoo}/good -o {zoo}/cfg-empty/config.json --data-dir {zoo}/cfg-empty "
+         "--tasks wikitext --limit 1 --overwrite", "would delete an input", "lies inside --data-dir"),
     case("report-overwrite-its-results", "report {zoo}/lm-eval.json -o {zoo} --overwrite", "holds the results file"),
     case("distill-overwrite-its-models", DISTILL_GOOD + " output.dir={zoo}/good output.overwrite=true",
          "output.overwrite would delete an input", "is teacher.path"),
