@@ -153,13 +153,14 @@ def cpu_batch_size(max_length: int, vocab: int) -> int:
 
 def load_model(model: str | Path, *, device: str, dtype: str, tokenizer: str | None, trust_remote_code: bool):
     """The checkpoint and its tokenizer, on ``device``, in eval mode."""
-    from minitron.inputs import load_model as load_weights
+    from minitron.inputs import load_config, load_model as load_weights
     from minitron.inputs import load_tokenizer
 
     torch_dtype = _resolve_dtype(dtype, device)
     tok = load_tokenizer(
         tokenizer or str(model), trust_remote_code=trust_remote_code,
         fix="save the tokenizer beside the checkpoint, or pass --tokenizer PATH_OR_HUB_ID",
+        vocab=load_config(model, trust_remote_code=trust_remote_code).vocab_size,
     )  # fmt: skip
     lm = load_weights(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return lm.to(device).eval(), tok

@@ -376,7 +376,7 @@ def score(
         check_weights(model, shape)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, vocab=shape.vocab)
     blocks = token_blocks(tokenizer, calib, seq_len=seq_len, samples=samples, seed=seed, split=split)
 
     meta = {

@@ -410,13 +410,20 @@ def load_tokenizer(
     *,
     trust_remote_code: bool = False,
     fix: str = "save the tokenizer files (tokenizer.json, tokenizer_config.json) beside the checkpoint",
+    vocab: int | None = None,
 ) -> Any:
-    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error."""
+    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error, and so
+    is one with more tokens than the model's ``vocab`` embedding rows (its ids past them have no embedding:
+    the model would fail on the first such token, after loading)."""
     from transformers import AutoTokenizer
 
     try:
         with hub_quiet():
-            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load a tokenizer ({reason[:200]})", where=str(source), fix=fix) from None
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens, the model's vocab_size is {vocab:,}",
+                        where=str(source), fix="pass the tokenizer this model was trained with")  # fmt: skip
+    return tokenizer

@@ -134,7 +134,7 @@ def _device() -> torch.device:
     return resolve_device("auto")
 
 
-def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, trust_remote_code: bool):
+def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, trust_remote_code: bool, vocab: int):
     """(importance blocks, held-out blocks) from one seeded stream of ``--calib`` data.
 
     The held-out blocks are the ones that *follow* the importance blocks in the same stream (token_blocks
@@ -149,7 +149,8 @@ def _calibration_blocks(src: Any, calibration: Any, scores: Any, heldout: int, t
     samples = int(settings.get("samples", calibration.samples))
     seq_len = int(settings.get("seq_len", calibration.seq_len))
     tokenizer = load_tokenizer(
-        src, trust_remote_code=trust_remote_code, fix="--calib needs the teacher's tokenizer files beside its weights"
+        src, trust_remote_code=trust_remote_code, fix="--calib needs the teacher's tokenizer files beside its weights",
+        vocab=vocab,
     )
     blocks = token_blocks(
         tokenizer, calibration.data, seq_len=seq_len, samples=samples + heldout, seed=calibration.seed,
@@ -228,7 +229,7 @@ def run(
         computed = None
     else:
         importance_blocks, heldout_blocks = _calibration_blocks(
-            src, calibration, scores, ranking.heldout_samples, trust_remote_code
+            src, calibration, scores, ranking.heldout_samples, trust_remote_code, teacher.vocab
         )
         # As `minitron importance` does: the checkpoint's half precision on a GPU, float32 on the CPU.
         dtype = resolve_dtype("auto", load_config(src, trust_remote_code), device)

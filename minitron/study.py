@@ -116,7 +116,7 @@ def _teacher(path: str | Path | None):
     check_weights(path, shape)
     if shape.experts:
         raise UserError("the study compares dense width and depth pruning", where=str(path), fix="pass a dense teacher")
-    tok = load_tokenizer(str(path), fix="save the tokenizer beside the checkpoint")
+    tok = load_tokenizer(str(path), fix="save the tokenizer beside the checkpoint", vocab=shape.vocab)
     return path, tok, shape
 
 

@@ -224,6 +224,13 @@ CASES = [
          "would delete an input", "is MODEL"),
     case("prune-overwrite-the-folder-of-its-teacher", "prune {zoo}/good --drop-layers 1 -o {zoo} --overwrite",
          "would delete an input", "holds MODEL"),
+    # A tokenizer with more tokens than the model has embeddings: refused before the model loads.
+    case("importance-tokenizer-bigger-than-vocab", IMPORTANCE_TO.format(out="{tmp}/s.safetensors").replace("{zoo}/good", "{zoo}/tok-bigger"),
+         "tok-bigger", "128 tokens", "vocab_size is 64"),
+    case("prune-calib-tokenizer-bigger-than-vocab", "prune {zoo}/tok-bigger --target 0.5x --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o {tmp}/out",
+         "tok-bigger", "vocab_size is 64"),
+    case("eval-tokenizer-bigger-than-vocab", "eval {zoo}/tok-bigger -o {tmp}/r.json --tasks wikitext --limit 1 --device cpu",
+         "tok-bigger", "vocab_size is 64"),
     # Inside an input folder anything may be part of the input: --overwrite replaces nothing there.
     case("importance-overwrite-inside-its-model", IMPORTANCE_TO.format(out="{zoo}/good/model.safetensors") + " --overwrite",
          "would delete an input", "lies inside MODEL"),
@@ -299,6 +306,8 @@ def build_zoo(zoo: Path) -> None:
 
     tiny_config("granitemoe").save_pretrained(zoo / "moe")
     (zoo / "empty-folder").mkdir()
+    save_tiny("llama", zoo / "tok-bigger", vocab_size=64)  # the 128-token tokenizer's ids past 63 have no embedding
+    tiny_tokenizer().save_pretrained(zoo / "tok-bigger")
     (zoo / "cfg-device").mkdir()
     (zoo / "cfg-device" / "config.json").symlink_to("/dev/zero")  # reading it would never end
     (zoo / "config-only").mkdir()
