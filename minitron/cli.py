@@ -22,6 +22,8 @@ except ImportError:
 
 from minitron.errors import EXIT_USER_ERROR, Interrupted, UserError, full_disk_error, interrupt_on_signals
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
 app = typer.Typer(
     name="minitron",
     help="Prune and distill small language models from big ones (NVIDIA Minitron method).",
@@ -69,7 +71,7 @@ def importance(
     samples: Annotated[int, typer.Option(help="Calibration blocks.")] = 1024,
     seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Blocks per forward pass.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the block choice.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the block choice.", min=0, max=SEED_MAX)] = 0,
     batch_agg: Annotated[str, typer.Option(help="Aggregation over samples: mean, l2 or var.")] = "l2",
     seq_agg: Annotated[str, typer.Option(help="Aggregation over each sequence: mean, l2 or var.")] = "mean",
     norm_agg: Annotated[str, typer.Option(help="Embedding channels over the norms: sum or max-share.")] = "sum",
@@ -110,7 +112,7 @@ def prune(
     samples: Annotated[int, typer.Option(help="--calib: calibration blocks.")] = 1024,
     seq_len: Annotated[int, typer.Option(help="--calib: tokens per block.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="--calib: blocks per forward pass.")] = 1,
-    seed: Annotated[int, typer.Option(help="--calib: seed of the block choice.")] = 0,
+    seed: Annotated[int, typer.Option(help="--calib: seed of the block choice.", min=0, max=SEED_MAX)] = 0,
     target: Annotated[Optional[str], typer.Option(help="Search the shape for a parameter count (4B, 800M) or fraction (0.5x).")] = None,
     active_target: Annotated[Optional[str], typer.Option(help="MoE: search for active parameters per token.")] = None,
     axes: Annotated[str, typer.Option(help="--target: what may shrink, any of width,depth,experts.")] = "width",
