@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from minitron.errors import UserError
 from minitron.evaluate import CHANCE, FORMAT_VERSION, TASKS, TOOL, eval_dir
+from minitron.report_check import check_section
 from minitron.report_console import human
 
 # The accuracy columns of the leaderboard (percent, higher is better), then the other headline numbers.
@@ -144,6 +145,7 @@ def load_results(path: str | Path) -> Row:
             where=str(path),
             fix="re-run `minitron eval` with this version, or use the minitron that wrote the file",
         )
+    check_section(section, path)
     try:
         model, settings, summary = section["model"], section["settings"], section["summary"]
         row = Row(
@@ -164,7 +166,8 @@ def load_results(path: str | Path) -> Row:
             generations=list((section.get("generations") or {}).get("samples", [])),
         )
     except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"malformed minitron section ({type(e).__name__}: {e})", where=str(path)) from None
+        raise UserError(f"malformed minitron section ({type(e).__name__}: {e})", where=str(path),
+                        fix="re-run `minitron eval` to write the file again") from None
     if settings.get("limit"):
         row.notes.append(f"--limit {settings['limit']}: quick check, not comparable")
     for task, what in settings.get("partial", {}).items():
@@ -284,6 +287,11 @@ def _md_text(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;") or " "
 
 
+def _md_row(cells: list[str]) -> str:
+    """One table row: a newline or ``|`` in a cell (a model's name is the user's) would end or split the row."""
+    return "| " + " | ".join(_md_text(c) for c in cells) + " |"
+
+
 def _teacher_name(row: Row) -> str:
     return row.teacher.name if row.teacher else ""
 
@@ -296,7 +304,7 @@ def markdown(measured: list[Row], published: list[Row], pairs, plots: dict[str, 
         cells = [row.name, row.role, _params(row),
                  *((_cell(row, c) + (" **≈ chance**" if at_chance(row, c) else "")) if c in row.scores else "–" for c in COLUMNS),
                  _teacher_name(row), "; ".join(row.notes)]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append(_md_row(cells))
     lines += ["", "Accuracies in %, perplexity as is (lower is better). MMLU 5-shot, GSM8K 5-shot (strict and flexible "
               "answer match); HellaSwag shots as marked. " + CHANCE_NOTE, ""]
     if pairs:
@@ -305,7 +313,7 @@ def markdown(measured: list[Row], published: list[Row], pairs, plots: dict[str, 
         for student, teacher, kept in pairs:
             cells = [_retained_cell(student, teacher, kept, label) for label in ACCURACY]
             tag = " (published)" if student.published else ""
-            lines.append(f"| {student.name}{tag} | {teacher.name} | " + " | ".join(cells) + " |")
+            lines.append(_md_row([student.name + tag, teacher.name, *cells]))
         lines.append("")
     if published:
         header = ["model", "params", *ACCURACY, "teacher", "source", "notes"]
@@ -313,22 +321,22 @@ def markdown(measured: list[Row], published: list[Row], pairs, plots: dict[str, 
         for row in published:
             cells = [row.name, _params(row), *(f"{row.scores[c]:.2f} ({row.shots[c]}-shot)" if c in row.scores else "–" for c in ACCURACY),
                      _teacher_name(row), row.source, "; ".join(row.notes)]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            lines.append(_md_row(cells))
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{title}](plots/{name}.svg)" for name, title in plots.items()] + [""]
     prompts, models = _generations(measured)
     if prompts:
         lines += ["## Generated text", "", "Each model's greedy continuation of the same prompts.", "",
-                  "| prompt | " + " | ".join(r.name for r in models) + " |", "|---|" + "---|" * len(models)]
+                  _md_row(["prompt", *(r.name for r in models)]), "|---|" + "---|" * len(models)]
         for prompt in prompts:
             cells = [prompt] + [by.get(prompt, "–") for by in (_continuations(r) for r in models)]
-            lines.append("| " + " | ".join(_md_text(c) for c in cells) + " |")
+            lines.append(_md_row(cells))
         lines.append("")
     lines += ["## Runs", ""]
     for row in measured:
         s, t = row.run["settings"], row.run["timing"]
-        lines.append(f"- **{row.name}**: `{row.run['model']['path']}`, {s['data']} data, tasks {', '.join(s['tasks'])}, "
+        lines.append(f"- **{_md_text(row.name)}**: `{row.run['model']['path']}`, {s['data']} data, tasks {', '.join(s['tasks'])}, "
                      f"limit {s.get('limit') or 'none'}, batch {s['batch_size']}, {s['device']} {s['dtype']}, "
                      f"{t['eval_s']:.0f} s; results `{row.run['file']}`")
     return "\n".join(lines) + "\n"

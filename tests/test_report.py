@@ -1,7 +1,9 @@
 """`minitron report`: students linked to teachers, published rows kept apart, a self-contained HTML page whose
 numbers (checked in a real headless Chromium) are those of the results files."""
 
+import itertools
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ from minitron.errors import UserError
 from minitron.evaluate import evaluate
 from minitron.evaluate import CHANCE, PROMPTS
 from minitron.report import ACCURACY, Row, at_chance, load_references, load_results, retained, write_report
+from clirun import minitron_in_process
 from test_evaluate import SAMPLES, assert_user_error, run, save_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -207,6 +210,62 @@ def test_foreign_results_are_one_line_and_write_nothing(results, tmp_path, case)
     out = tmp_path / "board"
     assert_user_error(run("report", results[0], bad, "-o", out), str(bad), needle)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == (["bad.json"] if case != "missing" else [])
+
+
+DELETE = object()
+# A results file valid but for one value, each of which used to end in a traceback half-way through the report:
+# key path in the minitron section → the value put there (DELETE: the key removed).
+MALFORMED = {
+    "accuracy-above-1": (("summary", "MMLU", "value"), 7.0),
+    "accuracy-negative": (("summary", "MMLU", "value"), -3),
+    "accuracy-a-bool": (("summary", "GSM8K", "value"), True),
+    "accuracy-a-string": (("summary", "HellaSwag", "value"), "0.5"),
+    "perplexity-infinite": (("summary", "WikiText word ppl", "value"), math.inf),  # json writes Infinity
+    "stderr-negative": (("summary", "MMLU", "stderr"), -0.1),
+    "samples-negative": (("summary", "MMLU", "samples"), -1),
+    "params-a-string": (("model", "params", "total"), "10M"),
+    "no-timing": (("timing",), DELETE),
+    "no-device": (("settings", "device"), DELETE),
+    "generations-not-objects": (("generations", "samples"), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_values_are_one_line_naming_the_key_and_write_nothing(results, tmp_path, case):
+    keys, value = MALFORMED[case]
+    data = json.loads(results[0].read_text())
+    parent = data["minitron"]
+    for key in keys[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[keys[-1]]
+    else:
+        parent[keys[-1]] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    out = tmp_path / "board"
+    result = minitron_in_process("report", results[0], bad, "-o", out)
+    assert_user_error(result, str(bad), "minitron." + ".".join(keys), "minitron eval")
+    assert not out.exists()
+
+
+def _table_widths(md: str) -> list[set[int]]:
+    """For each Markdown table, the numbers of cells its lines have (an escaped ``\\|`` splits no cell)."""
+    blocks = itertools.groupby(md.splitlines(), key=lambda line: line.startswith("|"))
+    return [{len(re.split(r"(?<!\\)\|", line)) for line in lines} for table, lines in blocks if table]
+
+
+def test_a_name_with_a_newline_or_pipe_keeps_the_markdown_tables_whole(results, tmp_path):
+    data = json.loads(results[0].read_text())
+    data["minitron"]["model"]["name"] = "a\nb | c"  # what `minitron eval --name` records
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps(data))
+    md = (write_report([named, results[1]], tmp_path / "board") / "leaderboard.md").read_text()
+    tables = _table_widths(md)
+    assert len(tables) >= 4 and all(len(widths) == 1 for widths in tables), md
+    for line in ("| a b \\| c | teacher |", "| tiny-student | a b \\| c |", "| prompt | a b \\| c | tiny-student |",
+                 "- **a b \\| c**: "):
+        assert line in md, line
 
 
 def test_existing_output_is_refused(results, tmp_path):
