@@ -12,6 +12,7 @@ single weight is loaded.
 from __future__ import annotations
 
 import math
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +30,9 @@ _Layer = Annotated[int, Strict(), Field(ge=0)]
 
 class _Section(BaseModel):
     # frozen: a validated recipe is a value; the loop must not tweak it behind the user's back.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float is finite (NaN already fails each bound; `lr: .inf` or `1e400` would not,
+    # and would load both models only to diverge at the first step).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Teacher(_Section):
@@ -105,7 +108,7 @@ class Optimizer(_Section):
 
 
 class Batch(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
 
     micro: Annotated[int, Strict(), Field(ge=1)]
     """Sequences per forward pass on each process."""
@@ -185,7 +188,8 @@ class Recipe(_Section):
     eval: Eval = Eval()
     checkpoint: Checkpoint = Checkpoint()
     output: Output
-    seed: Annotated[int, Strict()] = 0
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)] = 0
+    """Seeds Python, numpy and torch; numpy takes 0 to 2**32 − 1."""
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> "Recipe":
@@ -215,11 +219,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         what = "a folder, not a recipe file" if path.is_dir() else "no such recipe file"
         raise UserError(what, where=str(path), fix="pass a YAML file, e.g. recipes/tiny-cpu.yaml")
     try:
-        data = yaml.safe_load(read_text(path))
+        data = yaml.load(read_text(path), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"not valid YAML{at} ({getattr(e, 'problem', None) or e})", where=str(path)) from None
+        fix = "keep one of the two" if isinstance(e, _DuplicateKey) else None
+        raise UserError(f"not valid YAML{at} ({getattr(e, 'problem', None) or e})", where=str(path), fix=fix) from None
     if not isinstance(data, dict):
         raise UserError("a recipe must be a YAML mapping of sections", where=str(path))
     for override in overrides:
@@ -233,7 +238,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError("an override must look like key=value", where=override, fix="e.g. optimizer.lr=3e-5")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = yaml.load(text, Loader=_Loader) if text else None
     except yaml.YAMLError:
         value = text  # an unparseable value is a string; the schema decides whether a string is allowed
     *parents, leaf = key.split(".")
@@ -244,6 +249,30 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             node[part] = {}
         node = node[part]
     node[leaf] = value
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error: YAML keeps the
+    last one silently, so a second ``optimizer:`` section would replace the first whole."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given beside it override it, by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in first:
+                    raise _DuplicateKey(problem=f"duplicate key {_short(key)}, first at line {first[key]}",
+                                        problem_mark=key_node.start_mark)  # fmt: skip
+                first[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class refuses it with its own message
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate(data: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -304,8 +333,15 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    # reprlib stops after a few items and levels: nested YAML aliases ("billion laughs") make a value of a
+    # few lines that a plain repr() would spend forever spelling out in full.
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = 60
 
 
 # --- checking what the recipe points to ------------------------------------------------------------------------

@@ -224,3 +224,59 @@ def test_run_refuses_bad_inputs_before_training(tmp_path, checkpoints, case, nee
                  f"output.dir={run}", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     assert_user_error(result, *needles)
     assert not run.exists() and not (tmp_path / "cache").exists()
+
+
+# --- hostile recipes: each refused at validation with one line naming the key -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("seed=-1", ["seed", "greater than or equal to 0", "-1"]),
+        ("seed=4294967296", ["seed", "less than or equal to 4294967295"]),  # numpy: 0 … 2**32 − 1
+        ("optimizer.lr=.inf", ["optimizer.lr", "finite number", "inf"]),
+        ("optimizer.lr=1.0e+400", ["optimizer.lr", "finite number"]),  # YAML reads it as infinity
+        ("loss.temperature=.inf", ["loss.temperature", "finite number"]),
+        ("optimizer.betas=[-.inf, 0.9]", ["optimizer.betas.0", "finite number"]),
+        ("optimizer.grad_clip=.inf", ["optimizer.grad_clip", "finite number"]),
+    ],
+)
+def test_out_of_range_seeds_and_infinite_floats_are_refused_at_validation(override, needles):
+    with pytest.raises(UserError) as e:
+        load_recipe(TINY, [override])
+    line = e.value.line()
+    assert "\n" not in line
+    for needle in needles:
+        assert needle in line, line
+    assert load_recipe(TINY, ["seed=4294967295"]).seed == 2**32 - 1
+
+
+def test_nested_yaml_aliases_are_answered_at_once_with_a_short_line(tmp_path):
+    # "Billion laughs": 10 × 20**11 items once expanded; a plain repr() of the bad value never ends.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 20)}]" for i in range(1, 12)]
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text("\n".join(lines) + "\n" + TINY.read_text().replace("path: runs/tiny/teacher", "path: *a11"))
+    result = minitron("distill", recipe, "--dry-run", cwd=REPO, timeout=60)
+    assert_user_error(result, "teacher.path", "valid string")
+    assert len(result.stderr) < 300, result.stderr
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    text = TINY.read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "optimizer:\n  lr: 1.0\n")  # a second section would replace the first whole
+    with pytest.raises(UserError) as e:
+        load_recipe(twice)
+    line = e.value.line()
+    first = text.splitlines().index("optimizer:") + 1
+    assert "duplicate key 'optimizer'" in line and f"line {len(text.splitlines()) + 1}" in line, line
+    assert f"first at line {first}" in line and str(twice) in line
+    twice.write_text(text + "seed: 3\n")
+    with pytest.raises(UserError, match="duplicate key 'seed'"):
+        load_recipe(twice)
+    # A YAML merge key is not a duplicate: the keys beside it override the merged ones, by design.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(text.replace("optimizer:\n", "optimizer:\n  <<: {lr: 1.0, eps: 1.0e-6}\n"))
+    recipe = load_recipe(merged)
+    assert recipe.optimizer.lr == 3e-3 and recipe.optimizer.eps == 1e-6
