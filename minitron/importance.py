@@ -101,6 +101,8 @@ class Scores:
     @classmethod
     def load(cls, path: str | Path, expect: Shape | None = None) -> "Scores":
         """Read a scores file; refuse a corrupt one, and one computed on a shape other than ``expect``."""
+        import reprlib
+
         from safetensors import safe_open
 
         path = Path(path)
@@ -120,12 +122,67 @@ class Scores:
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError("not a minitron scores file (no minitron header)", where=str(path), fix=fix)
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"scores format_version {reprlib.repr(version)} is not one this minitron reads ({FORMAT_VERSION})",
+                where=str(path),
+                fix="recompute them with this minitron's `minitron importance`, or use the minitron that wrote them",
+            )
+        # Before the digest: it is computed over the bytes of each dtype, and the pruner's checks (isfinite,
+        # argsort) are not implemented for every dtype a safetensors file can hold (fp8, say).
+        for key, tensor in tensors.items():
+            allowed = _COUNT_DTYPES if key.startswith(_COUNT_KEYS) else _SCORE_DTYPES
+            if tensor.dtype not in allowed:
+                names = " / ".join(str(d).removeprefix("torch.") for d in allowed)
+                raise UserError(f"scores {key!r} are {str(tensor.dtype).removeprefix('torch.')}, not {names}",
+                                where=str(path), fix=fix)  # fmt: skip
         if _digest(tensors) != meta.get("digest"):
             raise UserError("scores file is corrupt (digest mismatch)", where=str(path), fix=fix)
+        # The digest covers the tensors only: a header edited by hand, or written by another tool, gets here.
+        problem = _header_problem(meta)
+        if problem:
+            raise UserError(f"malformed scores header: {problem}", where=str(path), fix=fix)
         scores = cls(tensors, meta)
         if expect is not None:
             _check_shape(scores.shape, expect, path)
         return scores
+
+
+# Scores are float32 as written (float16 / bfloat16 are read too); counts, such as the tokens routed to each
+# expert, are int64.
+_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_COUNT_DTYPES = (torch.int64,)
+_COUNT_KEYS = ("expert_tokens.",)
+
+
+def _header_problem(meta: dict[str, Any]) -> str | None:
+    """The first thing wrong with the parts of a scores header that minitron reads (``shape``, ``settings``)."""
+    import dataclasses
+    import reprlib
+
+    shape = meta.get("shape")
+    if not isinstance(shape, dict):
+        return "no 'shape'" if shape is None else f"'shape' is a {type(shape).__name__}, not a mapping"
+    fields = {f.name: f for f in dataclasses.fields(Shape)}
+    unknown = [name for name in shape if name not in fields]
+    if unknown:
+        return f"unknown key 'shape.{unknown[0]}'"
+    for name, f in fields.items():
+        kind = getattr(f.type, "__name__", f.type)  # "int", "bool" or "str": families.py's annotations are strings
+        if name not in shape:
+            if f.default is dataclasses.MISSING:
+                return f"no 'shape.{name}'"
+        elif type(shape[name]).__name__ != kind:  # exact: True is not an int here
+            return f"'shape.{name}' is {reprlib.repr(shape[name])}, not {kind}"
+    settings = meta.get("settings", {})  # search lays out its held-out blocks by samples and seq_len
+    if not isinstance(settings, dict):
+        return f"'settings' is a {type(settings).__name__}, not a mapping"
+    for name in ("samples", "seq_len"):
+        value = settings.get(name, 1)
+        if type(value) is not int or value < 1:
+            return f"'settings.{name}' is {reprlib.repr(value)}, not a whole number ≥ 1"
+    return None
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -451,3 +451,62 @@ def test_chunks_fill_the_budget_in_whole_batches():
     assert chunk_samples(shape, 16, 2, False, "cpu", torch.float32, budget=7 * per_sample) == 6
     assert chunk_samples(shape, 16, 2, True, "cpu", torch.float32, budget=7 * per_sample) == 2  # 5 states a sample
     assert chunk_samples(shape, 16, 3, False, "cpu", torch.float32, budget=1) == 3  # never below one batch
+
+
+def rewrite_scores(path, edit_meta=lambda meta: None, edit_tensors=lambda tensors: None):
+    """Edit a scores file's header or tensors and record the digest anew, so that only the new checks can tell."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["minitron"]), {k: f.get_tensor(k) for k in f.keys()}
+    edit_tensors(tensors)
+    edit_meta(meta)
+    meta["digest"] = Scores(tensors).digest
+    save_file(tensors, str(path), metadata={"minitron": json.dumps(meta)})
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: m.pop("shape"), "no 'shape'"),
+        (lambda m: m["shape"].update(extra=1), "unknown key 'shape.extra'"),
+        (lambda m: m.update(shape=[1, 2]), "'shape' is a list, not a mapping"),
+        (lambda m: m["shape"].pop("hidden"), "no 'shape.hidden'"),
+        (lambda m: m["shape"].update(hidden="64"), "'shape.hidden' is '64', not int"),
+        (lambda m: m["settings"].update(samples=[2]), "'settings.samples' is [2]"),
+    ],
+    ids=["no-shape", "extra-key", "list", "missing-key", "string", "settings"],
+)
+def test_load_refuses_a_malformed_header_with_one_line(moe_scores, tmp_path, edit, needle):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    rewrite_scores(path, edit_meta=edit)
+    with pytest.raises(UserError) as e:
+        Scores.load(path, expect=moe_scores.shape)
+    line = e.value.line()
+    assert "\n" not in line and str(path) in line and "malformed scores header" in line and needle in line, line
+    assert "minitron importance" in line
+
+
+@pytest.mark.parametrize(
+    "key,dtype",
+    [("blocks", torch.float8_e4m3fn), ("hidden", torch.float64), ("heads.0", torch.int64), ("expert_tokens.0", torch.float32)],
+)
+def test_load_refuses_tensors_of_another_dtype(moe_scores, tmp_path, key, dtype):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    rewrite_scores(path, edit_tensors=lambda t: t.update({key: t[key].to(dtype)}))
+    with pytest.raises(UserError) as e:
+        Scores.load(path, expect=moe_scores.shape)
+    line = e.value.line()
+    assert "\n" not in line and repr(key) in line and str(dtype).removeprefix("torch.") in line, line
+    # Half precision is read (and counts stay int64).
+    moe_scores.save(path, overwrite=True)
+    rewrite_scores(path, edit_tensors=lambda t: t.update({k: v.bfloat16() for k, v in t.items() if v.is_floating_point()}))
+    assert Scores.load(path, expect=moe_scores.shape)["expert_tokens.0"].dtype == torch.int64
+
+
+def test_load_refuses_a_newer_format_version(moe_scores, tmp_path):
+    path = moe_scores.save(tmp_path / "s.safetensors")
+    rewrite_scores(path, edit_meta=lambda m: m.update(format_version=99))
+    with pytest.raises(UserError, match="format_version 99 is not one this minitron reads"):
+        Scores.load(path, expect=moe_scores.shape)
