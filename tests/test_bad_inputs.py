@@ -235,6 +235,8 @@ CASES = [
          "tok-bigger", "vocab_size is 64"),
     case("eval-tokenizer-bigger-than-vocab", "eval {zoo}/tok-bigger -o {tmp}/r.json --tasks wikitext --limit 1 --device cpu",
          "tok-bigger", "vocab_size is 64"),
+    case("distill-tokenizer-bigger-than-vocab", DISTILL + " teacher.path={zoo}/tok-bigger student.path={zoo}/tok-bigger",
+         "tok-bigger", "vocab_size is 64"),
     # Inside an input folder anything may be part of the input: --overwrite replaces nothing there.
     case("importance-overwrite-inside-its-model", IMPORTANCE_TO.format(out="{zoo}/good/model.safetensors") + " --overwrite",
          "would delete an input", "lies inside MODEL"),
