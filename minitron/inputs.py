@@ -118,6 +118,12 @@ SIZE_FIELDS = (
     "head_dim", "vocab_size", "max_position_embeddings", "num_local_experts", "num_experts", "num_experts_per_tok",
     "moe_intermediate_size",
 )  # fmt: skip
+# Sizes beyond any model that exists, by far (the widest: hidden 25,600, MLP 53,248, vocab 262,144; layers ≤ 126,
+# experts ≤ 512; contexts of 10M): a value past these is a typo, and the --target grid grows with the width.
+SIZE_LIMITS = {"num_hidden_layers": 2**16, "num_attention_heads": 2**16, "num_key_value_heads": 2**16,
+               "num_local_experts": 2**16, "num_experts": 2**16, "num_experts_per_tok": 2**16,
+               "max_position_embeddings": 2**31}  # fmt: skip
+WIDTH_LIMIT = 2**20  # every other size field
 # The config field behind each Shape field, for the message when a derived value is missing or wrong.
 SHAPE_FIELDS = {
     "hidden": "hidden_size", "ffn": "intermediate_size", "layers": "num_hidden_layers",
@@ -138,6 +144,10 @@ def check_config(config: Any, where: str) -> Shape:
             raise UserError(f"{key} is {value!r}, not a whole number", where=where, fix="fix or re-save config.json")
         if value < 1:
             raise UserError(f"{key} is {value}; it must be at least 1", where=where, fix="fix or re-save config.json")
+        limit = SIZE_LIMITS.get(key, WIDTH_LIMIT)
+        if value > limit:
+            raise UserError(f"{key} is {value:,}, more than any model has (at most {limit:,} here)", where=where,
+                            fix="fix or re-save config.json")  # fmt: skip
     for key in ("hidden_size", "num_attention_heads"):
         if config_field(config, key) is None:
             raise UserError(f"config.json has no {key}", where=where, fix="re-save the config with save_pretrained")

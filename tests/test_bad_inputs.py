@@ -74,6 +74,7 @@ CASES = [
     case("inspect-a-file", "inspect {zoo}/calib.txt", "not a folder"),
     case("inspect-no-config", "inspect {zoo}/empty-folder", "no config.json"),
     case("config-a-device", "inspect {zoo}/cfg-device", "cfg-device/config.json", "not a regular file"),
+    case("config-huge-width", "inspect {zoo}/cfg-huge", "hidden_size is 1,000,000,000,000", "more than any model has"),
     case("config-empty-object", "inspect {zoo}/cfg-empty", "config.json", "no model_type", "llama"),
     case("config-list", "inspect {zoo}/cfg-list", "config.json", "list", "not an object"),
     case("config-not-utf8", "inspect {zoo}/cfg-latin1", "config.json", "not UTF-8", "line 1"),
@@ -314,6 +315,7 @@ def build_zoo(zoo: Path) -> None:
     (zoo / "empty-folder").mkdir()
     save_tiny("llama", zoo / "tok-bigger", vocab_size=64)  # the 128-token tokenizer's ids past 63 have no embedding
     tiny_tokenizer().save_pretrained(zoo / "tok-bigger")
+    _config(zoo, "cfg-huge", {**config, "hidden_size": 10**12})
     (zoo / "cfg-device").mkdir()
     (zoo / "cfg-device" / "config.json").symlink_to("/dev/zero")  # reading it would never end
     (zoo / "config-only").mkdir()
