@@ -242,9 +242,10 @@ FAMILIES: dict[str, Family] = {
 def family_of(config: Any, where: str = "config.json") -> Family:
     """The :class:`Family` of a transformers config (or a ``config.json`` dict, read from ``where``)."""
     model_type = config["model_type"] if isinstance(config, dict) else getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list would not even hash
         raise UserError(
             f"unsupported model_type {model_type!r}",
+            where=where,
             fix=f"minitron supports: {', '.join(sorted(FAMILIES))}",
         )
     family = FAMILIES[model_type]

@@ -81,6 +81,8 @@ CASES = [
     case("config-binary", "inspect {zoo}/cfg-binary", "config.json", "binary"),
     case("config-not-json", "inspect {zoo}/cfg-notjson", "config.json", "not valid JSON", "line"),
     case("config-unsupported-family", "inspect {zoo}/cfg-bert", "bert", "llama"),
+    case("config-family-null", "inspect {zoo}/cfg-type-null", "cfg-type-null/config.json", "model_type None"),
+    case("config-family-a-list", "inspect {zoo}/cfg-type-list", "cfg-type-list/config.json", "model_type ['llama']"),
     case("config-size-as-string", "inspect {zoo}/cfg-str", "hidden_size", "'64'", "whole number"),
     case("config-size-float", "inspect {zoo}/cfg-float", "intermediate_size", "96.5"),
     case("config-size-bool", "inspect {zoo}/cfg-bool", "num_hidden_layers", "True"),
@@ -338,7 +340,8 @@ def build_zoo(zoo: Path) -> None:
     for name, content in {
         "cfg-empty": {}, "cfg-list": b"[1, 2]", "cfg-latin1": b'{"model_type": "llama", "name": "caf\xe9"}',
         "cfg-binary": b"\x00\x01\x02{}", "cfg-notjson": b'{"model_type": "llama",\n "hidden_size": }',
-        "cfg-bert": {"model_type": "bert"}, "cfg-str": {**config, "hidden_size": "64"},
+        "cfg-bert": {"model_type": "bert"}, "cfg-type-null": {**config, "model_type": None},
+        "cfg-type-list": {**config, "model_type": ["llama"]}, "cfg-str": {**config, "hidden_size": "64"},
         "cfg-float": {**config, "intermediate_size": 96.5}, "cfg-bool": {**config, "num_hidden_layers": True},
         "cfg-zero-heads": {**config, "num_attention_heads": 0}, "cfg-neg-layers": {**config, "num_hidden_layers": -2},
         "cfg-no-hidden": {k: v for k, v in config.items() if k != "hidden_size"},
