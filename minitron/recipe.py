@@ -216,7 +216,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override and validate a recipe; every problem is one :class:`UserError` line."""
     path = Path(path)
     if not path.is_file():
-        what = "a folder, not a recipe file" if path.is_dir() else "no such recipe file"
+        what = ("a folder, not a recipe file" if path.is_dir() else
+                "neither a file nor a folder (a pipe or a device?)" if path.exists() else "no such recipe file")  # fmt: skip
         raise UserError(what, where=str(path), fix="pass a YAML file, e.g. recipes/tiny-cpu.yaml")
     try:
         data = yaml.load(read_text(path), Loader=_Loader)

@@ -168,6 +168,7 @@ CASES = [
     case("prune-search-missing-tensor", "prune {zoo}/no-k-proj --target 0.9x --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o {tmp}/out",
          "lacks model.layers.1.self_attn.k_proj.weight"),
     # --- distill: recipes and what they point to ------------------------------------------------------------------
+    case("distill-recipe-a-device", "distill /dev/null", "/dev/null", "neither a file nor a folder"),
     case("distill-recipe-a-folder", "distill {zoo}/empty-folder", "a folder, not a recipe file"),
     case("prune-scores-a-folder", "prune {zoo}/good --ffn-size 48 --scores {zoo}/empty-folder -o {tmp}/out",
          "a folder, not a scores file"),
