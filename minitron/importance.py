@@ -239,6 +239,11 @@ def _scores(recorder: Recorder, losses: LossSums | None, shape: Shape, settings:
     tensors = recorder.tensors()
     if losses is not None:
         tensors["layer_loss"] = losses.rise()
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:  # a NaN weight, or an overflow in half precision: every ranking built on these would be arbitrary
+        raise UserError(f"the scores are NaN or infinite ({bad}, and maybe more): the model's activations overflowed "
+                        "or its weights hold NaN", where=str((meta or {}).get("model", "the model")),
+                        fix="check the checkpoint's weights; in float16, try --dtype float32 or bfloat16")  # fmt: skip
     return Scores(tensors, {**(meta or {}), "settings": settings, "shape": shape.to_dict(), "versions": versions()})
 
 

@@ -392,8 +392,9 @@ def load_model(model: str | Path, *, dtype: Any, trust_remote_code: bool = False
 
     if is_local(model):
         check_weights(model)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report is replaced by the one-line error below
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would precede any later error line on stderr
     try:
         with hub_quiet():
             lm, report = AutoModelForCausalLM.from_pretrained(
@@ -408,6 +409,8 @@ def load_model(model: str | Path, *, dtype: Any, trust_remote_code: bool = False
                         fix="the weights do not belong to this config.json") from None  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     broken = sorted(report.get("missing_keys") or []) + sorted(str(k) for k in report.get("mismatched_keys") or [])
     if broken:
         raise UserError(f"checkpoint lacks or misshapes {broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""),

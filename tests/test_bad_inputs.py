@@ -168,6 +168,8 @@ CASES = [
     case("prune-search-missing-tensor", "prune {zoo}/no-k-proj --target 0.9x --calib {zoo}/calib.txt --samples 2 --seq-len 8 -o {tmp}/out",
          "lacks model.layers.1.self_attn.k_proj.weight"),
     # --- distill: recipes and what they point to ------------------------------------------------------------------
+    case("importance-nan-weights", IMPORTANCE_TO.format(out="{tmp}/s.safetensors").replace("{zoo}/good", "{zoo}/nan-weights"),
+         "nan-weights", "NaN or infinite", "check the checkpoint's weights"),
     case("distill-recipe-a-device", "distill /dev/null", "/dev/null", "neither a file nor a folder"),
     case("distill-recipe-a-folder", "distill {zoo}/empty-folder", "a folder, not a recipe file"),
     case("prune-scores-a-folder", "prune {zoo}/good --ffn-size 48 --scores {zoo}/empty-folder -o {tmp}/out",
@@ -329,6 +331,8 @@ def build_zoo(zoo: Path) -> None:
     (_checkpoint(zoo, "truncated", good) / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     header = struct.pack("<Q", 64) + b"{not json" + b" " * 55
     (_checkpoint(zoo, "bad-header", good) / "model.safetensors").write_bytes(header + raw[8 + 64 :])
+    _save_weights(_checkpoint(zoo, "nan-weights", good),
+                  {**weights, "model.layers.1.mlp.up_proj.weight": torch.full_like(weights["model.layers.1.mlp.up_proj.weight"], float("nan"))})
     _save_weights(_checkpoint(zoo, "no-k-proj", good),
                   {k: v for k, v in weights.items() if k != "model.layers.1.self_attn.k_proj.weight"})  # fmt: skip
     _save_weights(_checkpoint(zoo, "wrong-shape", good),
