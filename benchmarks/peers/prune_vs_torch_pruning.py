@@ -48,7 +48,8 @@ run works in a temporary folder, removed when the run ends however it ends (``ki
 two commands with ``--work`` pointing at the folders those runs kept, ``--heldout 512`` and ``--name
 peers_prune_{bundled,tied}_512`` score every model again on 512 held-out blocks (16× the text; a paired
 difference's standard error about a quarter as large), reusing the pruned and distilled checkpoints.
-``unit_ranking.py`` follows up on the one point where torch-pruning comes out ahead.
+``unit_ranking.py`` follows up on the one point where torch-pruning comes out ahead with minitron's default
+importance, ``norm_agg.py`` on the other way of combining the embedding channels' scores that wins there.
 
 Results: ``benchmarks/results/NAME.{json,md}`` (``--name``, default ``peers_prune``).
 """
