@@ -436,7 +436,8 @@ def load_tokenizer(
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load a tokenizer ({reason[:200]})", where=str(source), fix=fix) from None
-    if vocab is not None and len(tokenizer) > vocab:
-        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens, the model's vocab_size is {vocab:,}",
+    # Its base vocabulary: tokens added on top of it (a pad token, say) may lie past the embedding unused.
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model's vocab_size is {vocab:,}",
                         where=str(source), fix="pass the tokenizer this model was trained with")  # fmt: skip
     return tokenizer

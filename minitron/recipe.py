@@ -423,9 +423,10 @@ def check_inputs(recipe: Recipe, *, trust_remote_code: bool = False) -> tuple[An
         )
     if student_tokenizer is not None and teacher_tokenizer is not None:
         _same_vocabulary(teacher_tokenizer, student_tokenizer)
-    if len(tokenizer) > student_config.vocab_size:  # ids past the embedding: an IndexError at the first one
+    # Ids past the embedding: an IndexError at the first one (tokens added on top, a pad token say, may lie unused).
+    if tokenizer.vocab_size > student_config.vocab_size:
         raise UserError(
-            f"the tokenizer has {len(tokenizer):,} tokens, the model's vocab_size is {student_config.vocab_size:,}",
+            f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model's vocab_size is {student_config.vocab_size:,}",
             where=recipe.student.path if student_tokenizer is not None else recipe.teacher.path,
             fix="save the tokenizer the model was trained with beside it",
         )
