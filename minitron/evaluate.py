@@ -151,16 +151,18 @@ def cpu_batch_size(max_length: int, vocab: int) -> int:
     return max(1, min(8, free // 8 // per_sequence))
 
 
-def load_model(model: str | Path, *, device: str, dtype: str, tokenizer: str | None, trust_remote_code: bool):
-    """The checkpoint and its tokenizer, on ``device``, in eval mode."""
-    from minitron.inputs import load_config, load_model as load_weights
+def load_model(
+    model: str | Path, *, device: str, dtype: str, tokenizer: str | None, vocab: int, trust_remote_code: bool
+):
+    """The checkpoint and its tokenizer (refused if it has more tokens than ``vocab``), on ``device``, in eval mode."""
+    from minitron.inputs import load_model as load_weights
     from minitron.inputs import load_tokenizer
 
     torch_dtype = _resolve_dtype(dtype, device)
     tok = load_tokenizer(
         tokenizer or str(model), trust_remote_code=trust_remote_code,
         fix="save the tokenizer beside the checkpoint, or pass --tokenizer PATH_OR_HUB_ID",
-        vocab=load_config(model, trust_remote_code=trust_remote_code).vocab_size,
+        vocab=vocab,
     )  # fmt: skip
     lm = load_weights(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return lm.to(device).eval(), tok
@@ -464,7 +466,8 @@ def evaluate(
     if is_local(model):
         check_weights(model, shape)
 
-    lm, tok = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    lm, tok = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer, vocab=shape.vocab,
+                         trust_remote_code=trust_remote_code)  # fmt: skip
     loaded = time.perf_counter()
     results, settings = evaluate_model(
         lm, tok, tasks=task_list, limit=limit, batch_size=batch_size, data_dir=data_dir,
