@@ -425,9 +425,8 @@ def load_tokenizer(
     fix: str = "save the tokenizer files (tokenizer.json, tokenizer_config.json) beside the checkpoint",
     vocab: int | None = None,
 ) -> Any:
-    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error, and so
-    is one with more tokens than the model's ``vocab`` embedding rows (its ids past them have no embedding:
-    the model would fail on the first such token, after loading)."""
+    """The tokenizer of a checkpoint folder or hub id; a missing or unreadable one is a one-line error, and so,
+    given the model's ``vocab``, is one with more tokens than that (:func:`check_vocab`)."""
     from transformers import AutoTokenizer
 
     try:
@@ -436,8 +435,15 @@ def load_tokenizer(
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load a tokenizer ({reason[:200]})", where=str(source), fix=fix) from None
-    # Its base vocabulary: tokens added on top of it (a pad token, say) may lie past the embedding unused.
-    if vocab is not None and tokenizer.vocab_size > vocab:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model's vocab_size is {vocab:,}",
-                        where=str(source), fix="pass the tokenizer this model was trained with")  # fmt: skip
+    if vocab is not None:
+        check_vocab(tokenizer, vocab, where=str(source), fix="pass the tokenizer this model was trained with")
     return tokenizer
+
+
+def check_vocab(tokenizer: Any, vocab: int, *, where: str, fix: str) -> None:
+    """Refuse a tokenizer whose ids run past the model's ``vocab`` embedding rows: the model would fail on the
+    first such token, after loading. Its base vocabulary counts: tokens added on top of it (a pad token, say)
+    may lie past the embedding unused."""
+    if tokenizer.vocab_size > vocab:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model's vocab_size is {vocab:,}",
+                        where=where, fix=fix)  # fmt: skip

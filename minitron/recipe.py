@@ -391,7 +391,7 @@ def check_inputs(recipe: Recipe, *, trust_remote_code: bool = False) -> tuple[An
     the teacher's when the student folder has none (a pruned checkpoint written without one).
     """
     from minitron.families import Shape
-    from minitron.inputs import check_weights, is_local, load_config
+    from minitron.inputs import check_vocab, check_weights, is_local, load_config
 
     def checked(role: str, path: str) -> Any:
         # Weights too, from their headers: a broken teacher is refused now, not after tokenizing the data.
@@ -423,13 +423,8 @@ def check_inputs(recipe: Recipe, *, trust_remote_code: bool = False) -> tuple[An
         )
     if student_tokenizer is not None and teacher_tokenizer is not None:
         _same_vocabulary(teacher_tokenizer, student_tokenizer)
-    # Ids past the embedding: an IndexError at the first one (tokens added on top, a pad token say, may lie unused).
-    if tokenizer.vocab_size > student_config.vocab_size:
-        raise UserError(
-            f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model's vocab_size is {student_config.vocab_size:,}",
-            where=recipe.student.path if student_tokenizer is not None else recipe.teacher.path,
-            fix="save the tokenizer the model was trained with beside it",
-        )
+    check_vocab(tokenizer, student_config.vocab_size, fix="save the tokenizer the model was trained with beside it",
+                where=recipe.student.path if student_tokenizer is not None else recipe.teacher.path)  # fmt: skip
     return student_config, teacher_config, tokenizer
 
 
