@@ -101,9 +101,9 @@ class Scores:
     @classmethod
     def load(cls, path: str | Path, expect: Shape | None = None) -> "Scores":
         """Read a scores file; refuse a corrupt one, and one computed on a shape other than ``expect``."""
-        import reprlib
-
         from safetensors import safe_open
+
+        from minitron.inputs import check_format_version
 
         path = Path(path)
         if not path.is_file():
@@ -122,13 +122,10 @@ class Scores:
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError("not a minitron scores file (no minitron header)", where=str(path), fix=fix)
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise UserError(
-                f"scores format_version {reprlib.repr(version)} is not one this minitron reads ({FORMAT_VERSION})",
-                where=str(path),
-                fix="recompute them with this minitron's `minitron importance`, or use the minitron that wrote them",
-            )
+        check_format_version(
+            meta.get("format_version"), FORMAT_VERSION, kind="scores", where=str(path),
+            fix="recompute them with this minitron's `minitron importance`, or use the minitron that wrote them",
+        )  # fmt: skip
         # Before the digest: it is computed over the bytes of each dtype, and the pruner's checks (isfinite,
         # argsort) are not implemented for every dtype a safetensors file can hold (fp8, say).
         for key, tensor in tensors.items():

@@ -99,6 +99,16 @@ def _unreadable(error: OSError, path: Path) -> UserError:
                      fix="check that you may read it")  # fmt: skip
 
 
+def check_format_version(found: Any, known: int, *, kind: str, where: str, fix: str) -> None:
+    """Refuse a file of minitron's own (``kind``: scores, results) written in a format version other than the
+    one this code reads."""
+    import reprlib
+
+    if found != known:
+        raise UserError(f"{kind} format_version {reprlib.repr(found)} is not one this minitron reads ({known})",
+                        where=where, fix=fix)  # fmt: skip
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file (UTF-8), with the line of a syntax error."""
     try:

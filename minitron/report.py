@@ -126,7 +126,7 @@ def load_references(path: str | Path | None = None) -> list[Row]:
 
 def load_results(path: str | Path) -> Row:
     """One results file of ``minitron eval``; anything else is a one-line :class:`UserError`."""
-    from minitron.inputs import read_json
+    from minitron.inputs import check_format_version, read_json
 
     path = Path(path)
     data = read_json(path)
@@ -138,13 +138,10 @@ def load_results(path: str | Path) -> Row:
             where=str(path),
             fix="evaluate the model with `minitron eval MODEL -o FILE`",
         )
-    version = section.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"results format_version {version!r} is not one this minitron reads ({FORMAT_VERSION})",
-            where=str(path),
-            fix="re-run `minitron eval` with this version, or use the minitron that wrote the file",
-        )
+    check_format_version(
+        section.get("format_version"), FORMAT_VERSION, kind="results", where=str(path),
+        fix="re-run `minitron eval` with this version, or use the minitron that wrote the file",
+    )  # fmt: skip
     check_section(section, path)
     try:
         model, settings, summary = section["model"], section["settings"], section["summary"]
