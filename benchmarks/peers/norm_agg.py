@@ -24,18 +24,15 @@ Results: ``benchmarks/results/norm_agg.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import statistics
-import sys
 from pathlib import Path
 
 import common
 import machine  # benchmarks/machine.py, on sys.path once common is imported
 from minitron.errors import UserError, run_script  # the repository root is on sys.path once common is imported
-from unit_ranking import CALIBRATION, SEQ_LEN, check_inputs
+from unit_ranking import SEQ_LEN, run_teachers, teacher_parser
 
 WAYS = ("sum", "max-share")
 
@@ -125,38 +122,13 @@ def _difference(mean: float, se: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
-    parser.add_argument(
-        "--shape", action="append", default=[], metavar="HIDDEN,FFN",
-        help="torch-pruning's shape for the teacher of the same place, to cut both axes at once (repeatable)",
-    )
-    parser.add_argument("--samples", type=int, default=CALIBRATION, help="calibration blocks for importance")
-    parser.add_argument("--heldout", type=int, default=32, help="held-out blocks that score every model")
+    parser = teacher_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=2, help="calibration draws (seeds 0, 1, …)")
     parser.add_argument("--name", default="norm_agg", help="results file stem")
     args = parser.parse_args()
     common.at_least(args, samples=1, heldout=2, draws=1)
-    threads = int(os.environ.get("PEERS_THREADS", "2"))
-
-    import torch
-
-    torch.set_num_threads(threads)
-    teachers = args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]
-    shapes = check_inputs(teachers, args.shape)
-    load_before = machine.load_average()
-    results = [measure(t.resolve(), joint, args) for t, joint in zip(teachers, shapes)]
-    record = {
-        "machine": machine.describe("cpu"),
-        "load_average_before": load_before,
-        "load_average_after": machine.load_average(),
-        "threads": threads,
-        "versions": machine.versions("minitron"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {"samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "draws": args.draws},
-        "teachers": results,
-    }
-    machine.write(args.name, record, markdown)
+    settings = {"samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "draws": args.draws}
+    run_teachers(args, measure, settings, markdown)
 
 
 if __name__ == "__main__":

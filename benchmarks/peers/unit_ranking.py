@@ -338,8 +338,10 @@ def check_inputs(teachers: list[Path], texts: list[str]) -> list[tuple[int, int]
     return shapes or [None] * len(teachers)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def teacher_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every per-teacher ranking script takes (this one and ``norm_agg.py``): the teachers, each
+    one's torch-pruning shape, and the calibration and held-out block counts."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--teacher", type=Path, action="append", help="Llama checkpoint (repeatable)")
     parser.add_argument(
         "--shape", action="append", default=[], metavar="HIDDEN,FFN",
@@ -347,13 +349,13 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=CALIBRATION, help="calibration blocks for importance")
     parser.add_argument("--heldout", type=int, default=32, help="held-out blocks that score every model")
-    parser.add_argument(
-        "--draws", type=int, default=DRAWS,
-        help="calibration draws from which the activation rankings are scored again at the --shape (1: none)",
-    )
-    parser.add_argument("--name", default="unit_ranking", help="results file stem")
-    args = parser.parse_args()
-    common.at_least(args, samples=1, heldout=2, draws=1)
+    return parser
+
+
+def run_teachers(args, measure, settings: dict, markdown) -> None:
+    """Check every teacher and shape, ``measure(teacher, shape or None, args)`` each on ``PEERS_THREADS``
+    torch threads (default 2), and write ``results/{args.name}.{json,md}`` with the machine, its load, the
+    versions, the command and ``settings``."""
     threads = int(os.environ.get("PEERS_THREADS", "2"))
 
     import torch
@@ -362,7 +364,7 @@ def main() -> None:
     teachers = args.teacher or [common.ROOT / "minitron" / "assets" / "teacher"]
     shapes = check_inputs(teachers, args.shape)
     load_before = machine.load_average()
-    results = [rank(t.resolve(), joint, args) for t, joint in zip(teachers, shapes)]
+    results = [measure(t.resolve(), joint, args) for t, joint in zip(teachers, shapes)]
     record = {
         "machine": machine.describe("cpu"),
         "load_average_before": load_before,
@@ -370,13 +372,26 @@ def main() -> None:
         "threads": threads,
         "versions": machine.versions("minitron"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {
-            "samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "seeds": SEEDS,
-            "alone_blocks": min(ALONE_BLOCKS, args.samples), "draws": args.draws,
-        },
+        "settings": settings,
         "teachers": results,
     }
     machine.write(args.name, record, markdown)
+
+
+def main() -> None:
+    parser = teacher_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--draws", type=int, default=DRAWS,
+        help="calibration draws from which the activation rankings are scored again at the --shape (1: none)",
+    )
+    parser.add_argument("--name", default="unit_ranking", help="results file stem")
+    args = parser.parse_args()
+    common.at_least(args, samples=1, heldout=2, draws=1)
+    settings = {
+        "samples": args.samples, "heldout": args.heldout, "seq_len": SEQ_LEN, "seeds": SEEDS,
+        "alone_blocks": min(ALONE_BLOCKS, args.samples), "draws": args.draws,
+    }  # fmt: skip
+    run_teachers(args, rank, settings, markdown)
 
 
 if __name__ == "__main__":
