@@ -429,15 +429,13 @@ def check_inputs(recipe: Recipe, *, trust_remote_code: bool = False) -> tuple[An
 
 
 def _tokenizer(path: str, trust_remote_code: bool) -> Any | None:
-    from transformers import AutoTokenizer
+    """The tokenizer saved with a checkpoint, through the checked reader; None for a local folder without one."""
+    from minitron.inputs import load_tokenizer
 
     local = Path(path)
     if local.is_dir() and not any((local / name).exists() for name in _TOKENIZER_FILES):
         return None
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer ({str(e).splitlines()[0]})", where=path) from None
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
