@@ -332,17 +332,18 @@ def give_umask(path: Path) -> None:
     Writers that go through a private temporary file of their own (safetensors' ``save_file``, hence
     ``save_pretrained``) leave 0600, which would keep a shared checkpoint from the rest of a team."""
     mask = umask()
+
+    def give(file: Path) -> None:  # links are left alone: only what the writer made here changes mode
+        if not file.is_symlink():
+            os.chmod(file, (0o777 if file.stat().st_mode & 0o111 else 0o666) & ~mask)
+
     if path.is_dir() and not path.is_symlink():
-        # os.walk does not descend into a linked folder, and links themselves are left alone: only what the
-        # writer made here changes mode.
-        for folder, _, files in os.walk(path):
+        for folder, _, files in os.walk(path):  # os.walk does not descend into a linked folder
             os.chmod(folder, 0o777 & ~mask)
             for name in files:
-                item = Path(folder) / name
-                if not item.is_symlink():
-                    os.chmod(item, (0o777 if item.stat().st_mode & 0o111 else 0o666) & ~mask)
-    elif not path.is_symlink():
-        os.chmod(path, (0o777 if path.stat().st_mode & 0o111 else 0o666) & ~mask)
+                give(Path(folder) / name)
+    else:
+        give(path)
 
 
 def _make_parents(out: Path) -> list[Path]:
